@@ -1,0 +1,319 @@
+"""Resources: the registry users declare their resources in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+
+from ._plan import Plan, compile_plan
+from ._resource import Level, ReleaseWhen, Resource
+from ._scope import AppScope, Scope
+from .exceptions import ResourceMisuse, ScopeClosed
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class _AsyncContext(Protocol[T_co]):
+    async def __aenter__(self) -> T_co: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None: ...
+
+
+Terminate = Callable[[Any], Awaitable[object] | object]
+Ping = Callable[[Any], Awaitable[object]]
+
+
+class _Declare(Protocol):
+    """The decorator ``@resources.app(...)`` and ``@resources.request(...)`` return."""
+
+    @overload
+    def __call__(self, factory: Callable[..., AsyncIterator[T]], /) -> Resource[T]: ...
+    @overload
+    def __call__(self, factory: Callable[..., _AsyncContext[T]], /) -> Resource[T]: ...
+    @overload
+    def __call__(self, factory: Callable[..., Awaitable[T]], /) -> Resource[T]: ...
+    @overload
+    def __call__(self, factory: _AsyncContext[T], /) -> Resource[T]: ...
+    @overload
+    def __call__(self, factory: Callable[..., T], /) -> Resource[T]: ...
+
+
+class Resources:
+    """A registry of resources for one application.
+
+    Declare each resource once with :meth:`app` or :meth:`request`, pass
+    :meth:`lifespan` to FastAPI, and ask for resources in routes with
+    ``Annotated[T, Use(resource)]``.
+
+    *acquire_timeout* and *release_timeout* are the defaults for every resource
+    that does not set its own; *startup_timeout* is the default acquire deadline
+    of app resources; *drain_timeout* bounds how long shutdown waits for open
+    request scopes before closing app resources.
+    """
+
+    def __init__(
+        self,
+        name: str = "app",
+        *,
+        acquire_timeout: float | None = 10.0,
+        release_timeout: float | None = 10.0,
+        startup_timeout: float | None = 30.0,
+        drain_timeout: float | None = 30.0,
+    ) -> None:
+        self.name = name
+        self.acquire_timeout = acquire_timeout
+        self.release_timeout = release_timeout
+        self.startup_timeout = startup_timeout
+        self.drain_timeout = drain_timeout
+        self._resources: dict[str, Resource[Any]] = {}
+        self._values: dict[type, Any] = {}
+        self._plan: Plan | None = None
+        self._open: list[AppScope] = []
+        #: The key of the app scope in the lifespan state (``request.state``).
+        self.state_key = f"scoped_resources:{name}:{id(self):x}"
+        self._request_dependency: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Resources {self.name!r}: {len(self._resources)} resources>"
+
+    @property
+    def resources(self) -> tuple[Resource[Any], ...]:
+        """Every declared resource, in declaration order."""
+        return tuple(self._resources.values())
+
+    # -- declaring ----------------------------------------------------------------
+
+    @overload
+    def app(self, factory: Callable[..., AsyncIterator[T]], /) -> Resource[T]: ...
+    @overload
+    def app(self, factory: Callable[..., _AsyncContext[T]], /) -> Resource[T]: ...
+    @overload
+    def app(self, factory: Callable[..., Awaitable[T]], /) -> Resource[T]: ...
+    @overload
+    def app(self, factory: _AsyncContext[T], /) -> Resource[T]: ...
+    @overload
+    def app(self, factory: Callable[..., T], /) -> Resource[T]: ...
+    @overload
+    def app(
+        self,
+        *,
+        name: str | None = None,
+        timeout: float | None = ...,
+        release_timeout: float | None = ...,
+        terminate: Terminate | None = None,
+        ping: Ping | None = None,
+        async_only: bool | None = None,
+    ) -> _Declare: ...
+    def app(
+        self,
+        factory: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: Any = ...,
+        release_timeout: Any = ...,
+        terminate: Terminate | None = None,
+        ping: Ping | None = None,
+        async_only: bool | None = None,
+    ) -> Any:
+        """Declare an app-scoped resource: opened once at start-up, closed at shutdown.
+
+        *timeout* bounds its opening; *release_timeout* its closing, after which
+        *terminate* runs. *ping* checks it for readiness.
+        """
+
+        def declare(f: Any) -> Resource[Any]:
+            return self._add(
+                f,
+                name=name,
+                level=Level.APP,
+                acquire_timeout=self.startup_timeout if timeout is ... else timeout,
+                release_timeout=release_timeout,
+                terminate=terminate,
+                ping=ping,
+                shareable=True,
+                async_only=async_only,
+                suppress_errors=False,
+            )
+
+        return declare if factory is None else declare(factory)
+
+    @overload
+    def request(self, factory: Callable[..., AsyncIterator[T]], /) -> Resource[T]: ...
+    @overload
+    def request(self, factory: Callable[..., _AsyncContext[T]], /) -> Resource[T]: ...
+    @overload
+    def request(self, factory: Callable[..., Awaitable[T]], /) -> Resource[T]: ...
+    @overload
+    def request(self, factory: _AsyncContext[T], /) -> Resource[T]: ...
+    @overload
+    def request(self, factory: Callable[..., T], /) -> Resource[T]: ...
+    @overload
+    def request(
+        self,
+        *,
+        name: str | None = None,
+        acquire_timeout: float | None = ...,
+        release_timeout: float | None = ...,
+        terminate: Terminate | None = None,
+        release: ReleaseWhen = "before_response",
+        async_only: bool | None = None,
+        suppress_errors: bool = False,
+    ) -> _Declare: ...
+    def request(
+        self,
+        factory: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        acquire_timeout: Any = ...,
+        release_timeout: Any = ...,
+        terminate: Terminate | None = None,
+        release: ReleaseWhen = "before_response",
+        async_only: bool | None = None,
+        suppress_errors: bool = False,
+    ) -> Any:
+        """Declare a request-scoped resource: one instance per request (or scope).
+
+        By default it is released before the response is sent, so a failed
+        release (a COMMIT, say) turns into a 5xx answer. With
+        ``release="after_response"`` it is held until the response body is sent
+        and the request's background tasks have run.
+        """
+        if release not in ("before_response", "after_response"):
+            raise ValueError(
+                f"release must be 'before_response' or 'after_response', not {release!r}"
+            )
+        level = Level.REQUEST if release == "before_response" else Level.RESPONSE
+
+        def declare(f: Any) -> Resource[Any]:
+            return self._add(
+                f,
+                name=name,
+                level=level,
+                acquire_timeout=acquire_timeout,
+                release_timeout=release_timeout,
+                terminate=terminate,
+                ping=None,
+                shareable=True,
+                async_only=async_only,
+                suppress_errors=suppress_errors,
+            )
+
+        return declare if factory is None else declare(factory)
+
+    def provide(self, value: object, *, as_type: type | None = None) -> None:
+        """Make *value* the argument of every resource parameter of its type.
+
+        For settings and other plain values: ``resources.provide(Settings())``
+        lets ``async def pool(settings: Settings)`` receive it.
+        """
+        self._values[as_type or type(value)] = value
+        self._plan = None
+
+    def _add(
+        self,
+        factory: Any,
+        *,
+        name: str | None,
+        level: Level,
+        acquire_timeout: Any,
+        release_timeout: Any,
+        terminate: Terminate | None,
+        ping: Ping | None,
+        shareable: bool,
+        async_only: bool | None,
+        suppress_errors: bool,
+    ) -> Resource[Any]:
+        if isinstance(factory, Resource):
+            raise ResourceMisuse(
+                factory.name, "it is declared twice", "declare each resource once"
+            )
+        label = name or getattr(factory, "__name__", None) or type(factory).__name__
+        if label in self._resources:
+            raise ResourceMisuse(
+                label,
+                "a resource with this name is already declared",
+                "give one of them another name with name=...",
+            )
+        res: Resource[Any] = Resource(
+            factory,
+            name=label,
+            level=level,
+            registry=self,
+            acquire_timeout=self.acquire_timeout if acquire_timeout is ... else acquire_timeout,
+            release_timeout=self.release_timeout if release_timeout is ... else release_timeout,
+            terminate=terminate,
+            ping=ping,
+            shareable=shareable,
+            async_only=async_only,
+            suppress_errors=suppress_errors,
+        )
+        self._resources[label] = res
+        self._plan = None
+        return res
+
+    # -- planning and opening ----------------------------------------------------------
+
+    def plan(self, context_types: Iterable[type] = ()) -> Plan:
+        """Compile (once) and return the plan; raises a PlanError if unsound."""
+        ctx = frozenset(context_types)
+        if self._plan is None or not ctx <= self._plan.context_types:
+            self._plan = compile_plan(self._resources.values(), self._values, self, ctx)
+        return self._plan
+
+    @asynccontextmanager
+    async def open(self, context_types: Iterable[type] = ()) -> AsyncIterator[AppScope]:
+        """Open the app resources (concurrently, in dependency order) and yield the app scope.
+
+        Used by the lifespan; use it directly for a CLI command or a worker.
+        """
+        plan = self.plan(context_types)
+        app_scope = AppScope(self.name, plan, self.drain_timeout)
+        async with app_scope:
+            self._open.append(app_scope)
+            try:
+                yield app_scope
+            finally:
+                self._open.remove(app_scope)
+
+    def scope(self, name: str = "scope") -> AbstractAsyncContextManager[Scope]:
+        """A scope for work outside HTTP (a job, a command, a test), released on exit.
+
+        Needs the app scope open: inside the app's lifespan, or inside
+        ``async with resources.open()``.
+        """
+        if len(self._open) != 1:
+            state = "not open" if not self._open else f"open {len(self._open)} times"
+            raise ScopeClosed(
+                f"{self.name} (app)",
+                f"{state}; run inside the app's lifespan or 'async with resources.open()'",
+            )
+        return self._open[0].child(name)
+
+    def lifespan(self, app: Any) -> AbstractAsyncContextManager[dict[str, Any]]:
+        """The FastAPI/Starlette lifespan: ``FastAPI(lifespan=resources.lifespan)``."""
+        from .fastapi import lifespan
+
+        return lifespan(self, app)
+
+    def wrap_lifespan(
+        self, user_lifespan: Callable[[Any], AbstractAsyncContextManager[Any]]
+    ) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
+        """A lifespan that opens the resources, then runs *user_lifespan* inside it."""
+        from .fastapi import lifespan
+
+        def wrapped(app: Any) -> AbstractAsyncContextManager[dict[str, Any]]:
+            return lifespan(self, app, user_lifespan)
+
+        return wrapped

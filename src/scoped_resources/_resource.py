@@ -1,0 +1,193 @@
+"""Resource: one declaration, immutable after it is made."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from enum import IntEnum
+from typing import Any, Generic, Literal, TypeVar
+
+T = TypeVar("T")
+
+ReleaseWhen = Literal["before_response", "after_response"]
+
+
+class Level(IntEnum):
+    """How long an instance lives; a scope of level N holds resources of level N."""
+
+    APP = 0
+    #: Request resources held until the response is sent and background tasks ran.
+    RESPONSE = 1
+    #: Request resources released before the response is sent (the default).
+    REQUEST = 2
+
+    @property
+    def label(self) -> str:
+        return "app" if self is Level.APP else "request"
+
+
+class Kind(IntEnum):
+    """How a factory is turned into an instance and released."""
+
+    ASYNC_GEN = 0  # async generator function: one yield; also @asynccontextmanager
+    CONTEXT = 1  # callable returning an async context manager (a class, say)
+    INSTANCE = 2  # an object with __aenter__/__aexit__, entered per scope
+    ASYNC_FN = 3  # async function; the result is entered if it is a context manager
+    SYNC_FN = 4  # sync function; likewise
+
+
+#: Types whose instances must never be shared by concurrent requests. Named, not
+#: imported, so that no driver is imported to check them.
+UNSHAREABLE_TYPES = frozenset(
+    {
+        "asyncpg.connection.Connection",
+        "asyncpg.pool.PoolConnectionProxy",
+        "asyncpg.transaction.Transaction",
+        "sqlalchemy.ext.asyncio.session.AsyncSession",
+        "sqlalchemy.ext.asyncio.engine.AsyncConnection",
+        "sqlalchemy.ext.asyncio.engine.AsyncTransaction",
+        "aiosqlite.core.Connection",
+        "aiofiles.threadpool.binary.AsyncBufferedReader",
+        "aiofiles.threadpool.binary.AsyncBufferedIOBase",
+        "aiofiles.threadpool.text.AsyncTextIOWrapper",
+        "anyio._core._fileio.AsyncFile",
+        "redis.asyncio.client.Pipeline",
+        "redis.asyncio.client.PubSub",
+        "aio_pika.channel.Channel",
+        "aio_pika.robust_channel.RobustChannel",
+        "httpx.Response",
+    }
+)
+
+
+class Resource(Generic[T]):
+    """A declared resource: a name, a scope, a factory and its options.
+
+    Made by :meth:`Resources.app` and :meth:`Resources.request`; ask for one in a
+    route with ``Annotated[T, Use(resource)]`` or in a scope with
+    ``await scope.get(resource)``.
+    """
+
+    __slots__ = (
+        "_compiled",
+        "_getter",
+        "acquire_timeout",
+        "async_only",
+        "call",
+        "factory",
+        "kind",
+        "level",
+        "name",
+        "ping",
+        "registry",
+        "release_timeout",
+        "shareable",
+        "suppress_errors",
+        "terminate",
+    )
+
+    name: str
+    level: Level
+    factory: Any
+    call: Any
+    kind: Kind
+    acquire_timeout: float | None
+    release_timeout: float | None
+    terminate: Callable[[T], Awaitable[object] | object] | None
+    ping: Callable[[T], Awaitable[object]] | None
+    shareable: bool
+    async_only: bool
+    suppress_errors: bool
+    registry: object
+    _compiled: Any
+    _getter: Any
+
+    def __init__(
+        self,
+        factory: Any,
+        *,
+        name: str,
+        level: Level,
+        registry: object,
+        acquire_timeout: float | None,
+        release_timeout: float | None,
+        terminate: Callable[[T], Awaitable[object] | object] | None,
+        ping: Callable[[T], Awaitable[object]] | None,
+        shareable: bool,
+        async_only: bool | None,
+        suppress_errors: bool,
+    ) -> None:
+        self.factory = factory
+        self.kind = classify(factory, name)
+        #: What is called to make an instance (the generator under @asynccontextmanager).
+        self.call = unwrapped(factory) if self.kind is Kind.ASYNC_GEN else factory
+        self.name = name
+        self.level = level
+        self.registry = registry
+        self.acquire_timeout = acquire_timeout
+        self.release_timeout = release_timeout
+        self.terminate = terminate
+        self.ping = ping
+        self.shareable = shareable
+        self.async_only = self.kind is not Kind.SYNC_FN if async_only is None else async_only
+        self.suppress_errors = suppress_errors
+        self._compiled = None
+        self._getter = None
+
+    @property
+    def scope(self) -> str:
+        """``"app"`` or ``"request"``."""
+        return self.level.label
+
+    def __repr__(self) -> str:
+        return f"<Resource {self.name!r} scope={self.scope}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the factory as written, so decorated functions stay usable."""
+        return self.factory(*args, **kwargs)
+
+
+def classify(factory: Any, name: str) -> Kind:
+    """Decide, once at declaration, how *factory* makes and releases an instance."""
+    from .exceptions import ResourceMisuse
+
+    if inspect.isasyncgenfunction(factory):
+        return Kind.ASYNC_GEN
+    wrapped = getattr(factory, "__wrapped__", None)
+    if wrapped is not None and inspect.isasyncgenfunction(wrapped):
+        # An @asynccontextmanager function: drive the generator directly.
+        return Kind.ASYNC_GEN
+    if inspect.isclass(factory):
+        if hasattr(factory, "__aenter__") and hasattr(factory, "__aexit__"):
+            return Kind.CONTEXT
+        return Kind.SYNC_FN
+    if hasattr(factory, "__aenter__") and hasattr(factory, "__aexit__"):
+        return Kind.INSTANCE
+    if inspect.isgeneratorfunction(factory):
+        raise ResourceMisuse(
+            name,
+            "a sync generator function cannot release asynchronously",
+            "write it as an async generator (async def ... yield)",
+        )
+    if inspect.iscoroutinefunction(factory):
+        return Kind.ASYNC_FN
+    call = getattr(factory, "__call__", None)  # noqa: B004 - callable objects
+    if call is not None and inspect.iscoroutinefunction(call):
+        return Kind.ASYNC_FN
+    if not callable(factory):
+        raise ResourceMisuse(
+            name,
+            f"{factory!r} is neither callable nor an async context manager",
+            "declare a function, a class or an object with __aenter__/__aexit__",
+        )
+    return Kind.SYNC_FN
+
+
+def unwrapped(factory: Any) -> Any:
+    """The function whose signature describes *factory*'s parameters."""
+    if inspect.isclass(factory):
+        return factory
+    wrapped = getattr(factory, "__wrapped__", None)
+    if wrapped is not None and inspect.isasyncgenfunction(wrapped):
+        return wrapped
+    return factory

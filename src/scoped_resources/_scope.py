@@ -1,0 +1,605 @@
+"""Scope: the owner of live instances (leases), and their release.
+
+A scope goes ``open -> closing -> closed``. It acquires instances in dependency
+order, caches one per resource, and releases them in reverse order: each release
+shielded from cancellation, bounded by its resource's deadline (then terminated),
+told the outcome, and attempted even when another failed. The app scope opens its
+resources concurrently, each in a task of its own, so that each is entered and
+exited by the same task.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+
+from ._guard import DeadlineExpired, guarded
+from ._plan import Plan, Recipe
+from ._resource import Kind, Level, Resource
+from .exceptions import (
+    ReleaseFailed,
+    ReleaseTimeout,
+    ResourceBusy,
+    ResourceMisuse,
+    ScopeClosed,
+    StartupFailed,
+)
+
+T = TypeVar("T")
+
+logger = logging.getLogger("scoped_resources")
+
+# Lease states.
+ACQUIRING, HELD, RELEASING, RELEASED, TERMINATED, FAILED = range(6)
+_LEASE_STATES = ("acquiring", "held", "releasing", "released", "terminated", "failed")
+# Scope states.
+OPEN, CLOSING, CLOSED = range(3)
+_SCOPE_STATES = ("open", "closing", "closed")
+
+
+class Lease:
+    """One live instance of a resource in a scope."""
+
+    __slots__ = ("acquired_at", "error", "exit", "resource", "state", "value", "waiters")
+
+    def __init__(self, resource: Resource[Any]) -> None:
+        self.resource = resource
+        self.state = ACQUIRING
+        self.value: Any = None
+        self.exit: Any = None
+        self.error: BaseException | None = None
+        self.waiters: anyio.Event | None = None
+        self.acquired_at = 0.0
+
+    @property
+    def state_name(self) -> str:
+        return _LEASE_STATES[self.state]
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.resource.name!r} {self.state_name}>"
+
+
+class Scope:
+    """Live instances of resources, released together when the scope closes.
+
+    Get one with ``await scope.get(resource)``. Open a scope for work outside HTTP
+    with ``async with resources.scope() as scope``.
+    """
+
+    __slots__ = ("__weakref__", "_cache", "_context", "_leases", "_root", "_state", "level",
+                 "name", "parent")
+
+    def __init__(
+        self,
+        name: str,
+        level: Level,
+        parent: Scope | None,
+        context: dict[type, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.level = level
+        self.parent = parent
+        self._cache: dict[Resource[Any], Lease] = {}
+        self._leases: list[Lease] = []
+        self._state = OPEN
+        self._context = context
+        self._root: AppScope | None = parent._root if parent is not None else None
+
+    # -- state --------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``"open"``, ``"closing"`` or ``"closed"``."""
+        return _SCOPE_STATES[self._state]
+
+    @property
+    def leases(self) -> tuple[Lease, ...]:
+        """The instances this scope holds, in the order they were acquired."""
+        return tuple(self._leases)
+
+    def __repr__(self) -> str:
+        return f"<Scope {self.name!r} {self.state} leases={len(self._leases)}>"
+
+    def __del__(self) -> None:
+        if self._state != CLOSED and self._leases:
+            names = ", ".join(repr(lease.resource.name) for lease in self._leases)
+            warnings.warn(
+                f"scope {self.name!r} was garbage-collected with resources still open "
+                f"({names}); close it with 'async with' or 'await scope.aclose()'",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+    # -- getting ------------------------------------------------------------------
+
+    async def get(self, resource: Resource[T]) -> T:
+        """Return this scope's instance of *resource*, acquiring it on first use."""
+        lease = self._cache.get(resource)
+        if lease is not None and lease.state == HELD:
+            return lease.value  # type: ignore[no-any-return]
+        return await self._get_slow(resource, lease)
+
+    def child(self, name: str = "scope", context: dict[type, Any] | None = None) -> Scope:
+        """A nested scope whose request resources are its own and released with it."""
+        self._check_open(None)
+        assert self._root is not None
+        return self._root._child(name, Level.REQUEST, self, context)
+
+    async def _get_slow(self, resource: Resource[T], lease: Lease | None) -> T:
+        owner = self
+        while owner.parent is not None and owner.parent.level >= resource.level:
+            owner = owner.parent
+        if owner is not self:
+            return await owner.get(resource)
+        if self._state != OPEN:
+            raise ScopeClosed(self.name, self.state, resource.name)
+        if lease is None:
+            if resource.level < self.level:
+                raise ScopeClosed(self.name, "not the owner of app resources", resource.name)
+            return await self._acquire(resource)  # type: ignore[no-any-return]
+        if lease.state == ACQUIRING:
+            # Another task is acquiring it: share its result.
+            if lease.waiters is None:
+                lease.waiters = anyio.Event()
+            await lease.waiters.wait()
+            if lease.state == HELD:
+                return lease.value  # type: ignore[no-any-return]
+            if lease.error is not None:
+                raise lease.error
+        raise ScopeClosed(self.name, f"holding {resource.name!r} {lease.state_name}")
+
+    async def _acquire(self, resource: Resource[Any]) -> Any:
+        lease = Lease(resource)
+        self._cache[resource] = lease
+        try:
+            recipe: Recipe | None = resource._compiled
+            if recipe is None:
+                raise ResourceMisuse(
+                    resource.name,
+                    "it was declared after the plan was compiled",
+                    "declare every resource before the app starts",
+                )
+            kwargs = dict(recipe.values) if recipe.values else {}
+            for pname, dep in recipe.deps:
+                kwargs[pname] = await self.get(dep)
+            for pname, typ in recipe.context:
+                kwargs[pname] = self._context_value(resource, pname, typ)
+            try:
+                await guarded(_enter(lease, kwargs), resource.acquire_timeout, shield=False)
+            except DeadlineExpired:
+                raise ResourceBusy(resource.name, resource.acquire_timeout or 0.0) from None
+        except BaseException as exc:
+            lease.state = FAILED
+            lease.error = exc
+            if self._cache.get(resource) is lease:
+                del self._cache[resource]
+            if isinstance(exc, Exception) and not isinstance(exc, ResourceBusy):
+                _note(exc, f"while acquiring resource {resource.name!r}")
+            if lease.waiters is not None:
+                lease.waiters.set()
+            raise
+        lease.state = HELD
+        lease.acquired_at = time.monotonic()
+        self._leases.append(lease)
+        if lease.waiters is not None:
+            lease.waiters.set()
+        return lease.value
+
+    def _context_value(self, resource: Resource[Any], pname: str, typ: type) -> Any:
+        scope: Scope | None = self
+        while scope is not None:
+            if scope._context is not None and typ in scope._context:
+                return scope._context[typ]
+            scope = scope.parent
+        raise ScopeClosed(
+            self.name, f"without a {typ.__qualname__} for {resource.name!r}.{pname}"
+        )
+
+    def _check_open(self, resource: Resource[Any] | None) -> None:
+        if self._state != OPEN:
+            raise ScopeClosed(self.name, self.state, resource.name if resource else None)
+
+    # -- closing ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Scope:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self.aclose(exc)
+
+    async def aclose(self, exc: BaseException | None = None) -> bool:
+        """Release every instance in reverse order; idempotent.
+
+        *exc* is the outcome: the exception that ended the scope, or None. Returns
+        True only when a resource declared ``suppress_errors=True`` suppressed it.
+        Raises :class:`ReleaseFailed` when releases failed and *exc* is None; when
+        *exc* is set it wins, and the failures are logged and noted on it.
+        """
+        if self._state != OPEN:
+            return False
+        self._state = CLOSING
+        try:
+            suppressed, errors, interrupt = await _release_all(self._leases, exc)
+        finally:
+            self._state = CLOSED
+            self._cache.clear()
+            if self._root is not None:
+                self._root._child_closed()
+        return _report(self.name, exc, suppressed, errors, interrupt)
+
+
+class AppScope(Scope):
+    """The app's scope: opens app resources at start-up and closes them at shutdown."""
+
+    __slots__ = ("_drain_timeout", "_drained", "_failed", "_inflight", "_plan", "_slots", "_tg")
+
+    def __init__(self, name: str, plan: Plan, drain_timeout: float | None) -> None:
+        super().__init__(name, Level.APP, None)
+        self._root = self
+        self._plan = plan
+        self._inflight = 0
+        self._drained: anyio.Event | None = None
+        self._drain_timeout = drain_timeout
+        self._tg: Any = None
+        self._slots: dict[Resource[Any], _Slot] = {}
+        self._failed: _Slot | None = None
+
+    @property
+    def inflight(self) -> int:
+        """How many child scopes (requests, jobs) are open now."""
+        return self._inflight
+
+    def _child(
+        self, name: str, level: Level, parent: Scope, context: dict[type, Any] | None
+    ) -> Scope:
+        if self._state != OPEN:
+            raise ScopeClosed(self.name, self.state)
+        self._inflight += 1
+        return Scope(name, level, parent, context)
+
+    def _child_closed(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def __aenter__(self) -> AppScope:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._open_all()
+        except BaseException as exc:
+            self._tg.cancel_scope.cancel()
+            self._state = CLOSED
+            await self._tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def _open_all(self) -> None:
+        slots = self._slots
+        for res in self._plan.app_order:
+            slot = _Slot(res, [slots[dep] for _, dep in res._compiled.deps])
+            slots[res] = slot
+            self._tg.start_soon(self._hold, slot, name=f"scoped_resources: {res.name}")
+        for slot in slots.values():
+            await slot.opened.wait()
+        failed = self._failed
+        if failed is None:
+            return
+        self._state = CLOSING
+        await self._close_slots(None)
+        error = failed.error
+        assert error is not None
+        if isinstance(error, DeadlineExpired):
+            raise StartupFailed(
+                failed.resource.name,
+                f"it did not open within {failed.resource.acquire_timeout:g} s",
+            ) from None
+        if isinstance(error, StartupFailed):
+            raise error
+        raise StartupFailed(failed.resource.name, f"{type(error).__name__}: {error}") from error
+
+    async def _hold(self, slot: _Slot) -> None:
+        res = slot.resource
+        lease = Lease(res)
+        entered = False
+        try:
+            with slot.cancel:
+                for dep in slot.deps:
+                    await dep.opened.wait()
+                    if dep.error is not None:
+                        raise StartupFailed(dep.resource.name, "a dependency failed")
+                kwargs = dict(res._compiled.values)
+                for pname, dep_res in res._compiled.deps:
+                    kwargs[pname] = await self.get(dep_res)
+                await guarded(_enter(lease, kwargs), res.acquire_timeout, shield=False)
+                entered = True
+        except Exception as exc:  # noqa: BLE001 - reported through the slot
+            self._fail(slot, exc)
+            return
+        if not entered:  # cancelled because another app resource failed
+            self._fail(slot, StartupFailed(res.name, "cancelled: another resource failed"))
+            return
+        lease.state = HELD
+        lease.acquired_at = time.monotonic()
+        self._cache[res] = lease
+        self._leases.append(lease)
+        slot.lease = lease
+        slot.opened.set()
+        await slot.stop.wait()
+        slot.result = await _release_all([lease], slot.outcome)
+        slot.done.set()
+
+    def _fail(self, slot: _Slot, exc: Exception) -> None:
+        slot.error = exc
+        if self._failed is None:
+            self._failed = slot
+            for other in self._slots.values():
+                if other is not slot:
+                    other.cancel.cancel()
+        slot.opened.set()
+
+    async def _close_slots(self, exc: BaseException | None) -> tuple[bool, list[Exception], BaseException | None]:
+        errors: list[Exception] = []
+        interrupt: BaseException | None = None
+        suppressed = False
+        for lease in reversed(self._leases):
+            slot = self._slots[lease.resource]
+            slot.outcome = exc
+            slot.stop.set()
+            with anyio.CancelScope(shield=True):
+                await slot.done.wait()
+            s, errs, intr = slot.result
+            suppressed = suppressed or s
+            errors.extend(errs)
+            interrupt = interrupt or intr
+        self._cache.clear()
+        return suppressed, errors, interrupt
+
+    async def _drain(self) -> None:
+        if self._inflight == 0:
+            return
+        self._drained = anyio.Event()
+        with anyio.move_on_after(self._drain_timeout, shield=True) as cs:
+            await self._drained.wait()
+        if cs.cancelled_caught:
+            logger.warning(
+                "app scope %r: %d scope(s) still open after the %g s drain timeout; "
+                "closing app resources anyway",
+                self.name,
+                self._inflight,
+                self._drain_timeout,
+            )
+
+    async def aclose(self, exc: BaseException | None = None) -> bool:
+        if self._state != OPEN:
+            return False
+        await self._drain()
+        self._state = CLOSING
+        try:
+            suppressed, errors, interrupt = await self._close_slots(exc)
+        finally:
+            self._state = CLOSED
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            await tg.__aexit__(None, None, None)
+        return _report(self.name, exc, suppressed, errors, interrupt)
+
+    async def ping(self, timeout: float) -> dict[str, BaseException | None]:
+        """Ping every app resource that has a ping hook, concurrently."""
+        results: dict[str, BaseException | None] = {}
+
+        async def one(lease: Lease) -> None:
+            hook = lease.resource.ping
+            assert hook is not None
+            try:
+                with anyio.fail_after(timeout):
+                    await hook(lease.value)
+            except Exception as exc:  # noqa: BLE001 - the answer is the error
+                results[lease.resource.name] = exc
+            else:
+                results[lease.resource.name] = None
+
+        async with anyio.create_task_group() as tg:
+            for lease in self._leases:
+                if lease.resource.ping is not None:
+                    tg.start_soon(one, lease)
+        return results
+
+
+class _Slot:
+    """One app resource's task: opened, told to stop, done."""
+
+    __slots__ = ("cancel", "deps", "done", "error", "lease", "opened", "outcome", "resource",
+                 "result", "stop")
+
+    def __init__(self, resource: Resource[Any], deps: list[_Slot]) -> None:
+        self.resource = resource
+        self.deps = deps
+        self.opened = anyio.Event()
+        self.stop = anyio.Event()
+        self.done = anyio.Event()
+        self.cancel = anyio.CancelScope()
+        self.error: BaseException | None = None
+        self.lease: Lease | None = None
+        self.outcome: BaseException | None = None
+        self.result: tuple[bool, list[Exception], BaseException | None] = (False, [], None)
+
+
+# -- entering and releasing -----------------------------------------------------------
+
+
+async def _enter(lease: Lease, kwargs: dict[str, Any]) -> None:
+    """Make the instance; store its value and how to release it on *lease*."""
+    res = lease.resource
+    kind = res.kind
+    factory = res.call
+    if kind is Kind.ASYNC_GEN:
+        gen = factory(**kwargs)
+        try:
+            value = await gen.__anext__()
+        except StopAsyncIteration:
+            raise ResourceMisuse(
+                res.name, "its generator ended without yielding", "yield the instance once"
+            ) from None
+        lease.exit = gen
+    elif kind is Kind.CONTEXT or kind is Kind.INSTANCE:
+        cm = factory(**kwargs) if kind is Kind.CONTEXT else factory
+        value = await cm.__aenter__()
+        lease.exit = cm
+    else:
+        value = await factory(**kwargs) if kind is Kind.ASYNC_FN else factory(**kwargs)
+        if hasattr(value, "__aenter__") and hasattr(value, "__aexit__"):
+            cm = value
+            value = await cm.__aenter__()
+            lease.exit = cm
+    if inspect.iscoroutine(value):
+        value.close()
+        lease.value = None
+        lease.state = HELD
+        misuse = ResourceMisuse(
+            res.name,
+            "it produced an un-awaited coroutine",
+            "add the missing 'await' where the factory makes its instance",
+        )
+        if lease.exit is not None:
+            await _release_all([lease], misuse)
+        raise misuse
+    lease.value = value
+
+
+async def _release_gen(gen: Any, exc: BaseException | None) -> bool:
+    if exc is None:
+        try:
+            await gen.__anext__()
+        except StopAsyncIteration:
+            return False
+        await gen.aclose()
+        raise RuntimeError("the generator yielded more than once; yield exactly once")
+    try:
+        await gen.athrow(exc)
+    except StopAsyncIteration:
+        return True
+    except BaseException as err:
+        if err is exc:
+            return False
+        raise
+    await gen.aclose()
+    raise RuntimeError("the generator yielded again after an error; yield exactly once")
+
+
+def _release_awaitable(lease: Lease, exc: BaseException | None) -> Awaitable[Any]:
+    if lease.resource.kind is Kind.ASYNC_GEN:
+        return _release_gen(lease.exit, exc)
+    if exc is None:
+        return lease.exit.__aexit__(None, None, None)  # type: ignore[no-any-return]
+    return lease.exit.__aexit__(type(exc), exc, exc.__traceback__)  # type: ignore[no-any-return]
+
+
+async def _terminate(lease: Lease) -> bool:
+    hook: Callable[[Any], Any] | None = lease.resource.terminate
+    if hook is None:
+        return False
+    try:
+        result = hook(lease.value)
+        if inspect.isawaitable(result):
+            await guarded(result, lease.resource.release_timeout, shield=True)
+    except Exception as err:  # noqa: BLE001 - reported, never raised over the release error
+        logger.error("terminating resource %r failed", lease.resource.name, exc_info=err)
+    lease.state = TERMINATED
+    return True
+
+
+async def _release_all(
+    leases: list[Lease], exc: BaseException | None
+) -> tuple[bool, list[Exception], BaseException | None]:
+    """Release *leases* in reverse order; never raises."""
+    suppressed = False
+    errors: list[Exception] = []
+    interrupt: BaseException | None = None
+    for lease in reversed(leases):
+        if lease.exit is None:
+            lease.state = RELEASED
+            continue
+        res = lease.resource
+        lease.state = RELEASING
+        try:
+            result = await guarded(_release_awaitable(lease, exc), res.release_timeout, shield=True)
+        except DeadlineExpired:
+            terminated = await _terminate(lease)
+            err: Exception = ReleaseTimeout(res.name, res.release_timeout or 0.0, terminated)
+            err.__scoped_resource__ = res.name  # type: ignore[attr-defined]
+            errors.append(err)
+            continue
+        except Exception as failure:  # noqa: BLE001 - gathered and raised together
+            failure.__scoped_resource__ = res.name  # type: ignore[attr-defined]
+            _note(failure, f"while releasing resource {res.name!r}")
+            errors.append(failure)
+            await _terminate(lease)
+            if lease.state != TERMINATED:
+                lease.state = FAILED
+            continue
+        except BaseException as stop:  # a native cancel or KeyboardInterrupt mid-release
+            interrupt = interrupt or stop
+            with anyio.CancelScope(shield=True):
+                await _terminate(lease)
+            logger.error(
+                "release of resource %r was interrupted by %s; terminated it",
+                res.name,
+                type(stop).__name__,
+            )
+            continue
+        lease.state = RELEASED
+        if result and exc is not None:
+            if res.suppress_errors:
+                suppressed = True
+            else:
+                logger.warning(
+                    "resource %r tried to suppress %s while releasing; it was not "
+                    "suppressed (declare it with suppress_errors=True to allow that)",
+                    res.name,
+                    type(exc).__name__,
+                )
+    return suppressed, errors, interrupt
+
+
+def _report(
+    scope: str,
+    exc: BaseException | None,
+    suppressed: bool,
+    errors: list[Exception],
+    interrupt: BaseException | None,
+) -> bool:
+    for err in errors:
+        logger.error(
+            "scope %r: releasing resource %r failed",
+            scope,
+            getattr(err, "__scoped_resource__", "?"),
+            exc_info=err,
+        )
+    if interrupt is not None:
+        raise interrupt
+    if errors:
+        if exc is not None:
+            names = ", ".join(repr(getattr(e, "__scoped_resource__", "?")) for e in errors)
+            _note(exc, f"releasing {names} also failed (logged by 'scoped_resources')")
+            return False
+        raise ReleaseFailed(scope, errors)
+    return suppressed
+
+
+def _note(exc: BaseException, text: str) -> None:
+    notes = getattr(exc, "__notes__", None)
+    if notes is None or text not in notes:
+        exc.add_note(text)

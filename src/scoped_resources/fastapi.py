@@ -1,0 +1,274 @@
+"""The FastAPI integration: ``Use(resource)`` in routes, and the lifespan.
+
+How a request is served (chosen for cost and for commit-before-respond):
+
+* One plain dependency per request, shared by every ``Use`` of the route, opens
+  two scopes and pushes their closing onto FastAPI's own exit stacks: the
+  request scope onto the *function* stack (closed right after the endpoint
+  returns, before the response is sent) and the response scope onto the
+  *request* stack (closed after the body is sent and background tasks ran).
+  Pushing an exit costs far less than a ``yield`` dependency, and the exit still
+  sees the endpoint's exception (the outcome).
+* A release that fails while the endpoint succeeded becomes HTTP 500; an
+  acquire past its deadline becomes HTTP 503 with ``Retry-After``.
+* Plans are compiled and routes are checked once, in the lifespan.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from fastapi import BackgroundTasks, HTTPException, Request, params
+from fastapi.routing import APIRoute, APIWebSocketRoute
+from starlette.routing import Mount
+
+from ._resource import Level, Resource
+from ._scope import AppScope, Scope
+from .exceptions import ReleaseFailed, ResourceBusy, ResourceMisuse, ScopeClosed
+
+if TYPE_CHECKING:
+    from fastapi.dependencies.models import Dependant
+
+    from ._registry import Resources
+
+__all__ = ["Use", "lifespan", "problem_response"]
+
+logger = logging.getLogger("scoped_resources")
+
+_FUNCTION_STACK = "fastapi_function_astack"
+_REQUEST_STACK = "fastapi_inner_astack"
+
+
+class _Use(params.Depends):
+    """A FastAPI dependency that also names the resource it stands for."""
+
+    resource: Resource[Any]
+
+
+def Use(resource: Resource[Any]) -> Any:  # noqa: N802 - reads like Depends
+    """Ask for *resource* in a route or another resource.
+
+    ``conn: Annotated[asyncpg.Connection, Use(db)]``. In a route it is a FastAPI
+    dependency; in a resource's parameters it declares the dependency edge.
+    """
+    if not isinstance(resource, Resource):
+        raise TypeError(
+            f"Use() takes a declared resource, not {resource!r}; declare it with "
+            "@resources.app or @resources.request first"
+        )
+    getter = resource._getter
+    if getter is None:
+        getter = resource._getter = _make_getter(resource)
+    marker = _Use(dependency=getter, use_cache=True)
+    object.__setattr__(marker, "resource", resource)
+    return marker
+
+
+def _make_getter(resource: Resource[Any]) -> Callable[..., Any]:
+    registry: Resources = resource.registry  # type: ignore[assignment]
+    key = registry.state_key
+    name = resource.name
+
+    if resource.level is Level.APP:
+
+        async def get_app_resource(request: Request) -> Any:
+            lease = _app_scope(request, key, registry)._cache.get(resource)
+            if lease is None:
+                raise ScopeClosed(f"{registry.name} (app)", "not holding it", name)
+            return lease.value
+
+        getter: Callable[..., Any] = get_app_resource
+    else:
+        scopes = _request_dependency(registry)
+
+        async def get_request_resource(scope: Scope = params.Depends(scopes)) -> Any:  # noqa: B008
+            try:
+                return await scope.get(resource)
+            except ResourceBusy as busy:
+                raise HTTPException(
+                    status_code=503,
+                    detail=str(busy),
+                    headers={"Retry-After": f"{max(1, round(busy.retry_after))}"},
+                ) from busy
+
+        getter = get_request_resource
+    getter.__qualname__ = getter.__name__ = f"use_{name}"
+    getter.__scoped_resource__ = resource  # type: ignore[attr-defined]
+    return getter
+
+
+def _app_scope(request: Request, key: str, registry: Resources) -> AppScope:
+    state = request.scope.get("state")
+    app_scope = state.get(key) if state else None
+    if app_scope is None:
+        raise ScopeClosed(
+            f"{registry.name} (app)",
+            "not open: pass lifespan=resources.lifespan (or resources.wrap_lifespan(...)) "
+            "to FastAPI",
+        )
+    return app_scope  # type: ignore[no-any-return]
+
+
+def _request_dependency(registry: Resources) -> Callable[..., Any]:
+    """The one dependency per request that opens the request's two scopes."""
+    existing = registry._request_dependency
+    if existing is not None:
+        return existing  # type: ignore[no-any-return]
+    key = registry.state_key
+
+    async def request_scope(request: Request, background_tasks: BackgroundTasks) -> Scope:
+        app_scope = _app_scope(request, key, registry)
+        try:
+            function_stack: AsyncExitStack = request.scope[_FUNCTION_STACK]
+            request_stack: AsyncExitStack = request.scope[_REQUEST_STACK]
+        except KeyError:
+            raise RuntimeError(
+                "scoped_resources: this FastAPI version exposes no dependency exit "
+                "stacks in the request scope; FastAPI >= 0.121 is required"
+            ) from None
+        outer = app_scope._child("request", Level.RESPONSE, app_scope, {Request: request})
+        inner = app_scope._child("request", Level.REQUEST, outer, None)
+        request_stack.push_async_exit(outer.__aexit__)
+        function_stack.push_async_exit(_RequestExit(inner, background_tasks))
+        return inner
+
+    request_scope.__qualname__ = request_scope.__name__ = f"{registry.name}_request_scope"
+    registry._request_dependency = request_scope
+    return request_scope
+
+
+class _RequestExit:
+    """Closes a request scope before the response, turning failures into HTTP errors."""
+
+    __slots__ = ("background", "scope")
+
+    def __init__(self, scope: Scope, background: BackgroundTasks) -> None:
+        self.scope = scope
+        self.background = background
+
+    async def __call__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        outcome = exc
+        if isinstance(exc, HTTPException) and exc.status_code < 400:
+            outcome = None
+        if outcome is None and self.background.tasks and self.scope._leases:
+            outcome = _background_misuse(self.scope, self.background)
+        try:
+            await self.scope.aclose(outcome)
+        except ReleaseFailed as failed:
+            raise HTTPException(
+                status_code=500,
+                detail=f"the request's work could not be completed: {failed}",
+            ) from failed
+        if outcome is not None and outcome is not exc:
+            raise outcome
+        return False
+
+
+def _background_misuse(scope: Scope, background: BackgroundTasks) -> BaseException | None:
+    released = {id(lease.value): lease.resource.name for lease in scope._leases}
+    for task in background.tasks:
+        for arg in (*task.args, *task.kwargs.values()):
+            name = released.get(id(arg))
+            if name is not None:
+                return ResourceMisuse(
+                    name,
+                    "it is passed to a background task but released before the "
+                    "response, so the task would use a released resource",
+                    "declare it with @resources.request(release='after_response')",
+                )
+    return None
+
+
+# -- lifespan --------------------------------------------------------------------------
+
+
+def lifespan(
+    registry: Resources,
+    app: Any,
+    user_lifespan: Callable[[Any], AbstractAsyncContextManager[Any]] | None = None,
+) -> AbstractAsyncContextManager[dict[str, Any]]:
+    """Open *registry*'s app resources for *app*, optionally around *user_lifespan*."""
+
+    @asynccontextmanager
+    async def run() -> AsyncIterator[dict[str, Any]]:
+        registry.plan(context_types=(Request,))
+        check_routes(app, registry)
+        async with registry.open(context_types=(Request,)) as app_scope:
+            state: dict[str, Any] = {registry.state_key: app_scope}
+            if user_lifespan is None:
+                yield state
+                return
+            async with user_lifespan(app) as user_state:
+                if user_state:
+                    state.update(user_state)
+                yield state
+
+    return run()
+
+
+def check_routes(app: Any, registry: Resources) -> None:
+    """Raise a PlanError for a route that cannot use what it asks for."""
+    for route in _routes(getattr(app, "router", app)):
+        _check_dependant(route.dependant, route, registry)
+
+
+def _routes(router: Any) -> list[Any]:
+    found: list[Any] = []
+    for route in getattr(router, "routes", ()):
+        if isinstance(route, APIRoute | APIWebSocketRoute):
+            found.append(route)
+        elif isinstance(route, Mount):
+            found.extend(_routes(route.app))
+    return found
+
+
+def _check_dependant(dependant: Dependant, route: Any, registry: Resources) -> None:
+    call = dependant.call
+    is_sync = call is not None and not (
+        inspect.iscoroutinefunction(call)
+        or inspect.isasyncgenfunction(call)
+        or inspect.iscoroutinefunction(getattr(call, "__call__", None))  # noqa: B004
+    )
+    for sub in dependant.dependencies:
+        resource = getattr(sub.call, "__scoped_resource__", None)
+        if isinstance(resource, Resource):
+            where = f"route {getattr(route, 'path', '?')!r}"
+            if resource.registry is not registry:
+                continue  # another registry's lifespan checks it
+            if is_sync and resource.async_only:
+                name = getattr(call, "__name__", repr(call))
+                raise ResourceMisuse(
+                    resource.name,
+                    f"the sync function {name!r} ({where}) asks for it, but it can only "
+                    "be used with await, and sync functions run in a thread pool",
+                    f"make {name!r} 'async def'",
+                )
+        _check_dependant(sub, route, registry)
+
+
+def problem_response(status: int, detail: str, headers: dict[str, str] | None = None) -> Any:
+    """An ``application/problem+json`` response, as the integration's errors use."""
+    from fastapi.responses import JSONResponse
+
+    from http import HTTPStatus
+
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    return JSONResponse(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status_code=status,
+        headers=headers,
+        media_type="application/problem+json",
+    )
