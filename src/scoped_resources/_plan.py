@@ -66,6 +66,13 @@ def compile_plan(
     )
 
 
+def recipe_for(
+    res: Resource[Any], values: Mapping[type, Any], registry: object, ctx: frozenset[type]
+) -> Recipe:
+    """Compile one resource's recipe (for a replacement made after the plan)."""
+    return _recipe(res, values, registry, ctx)
+
+
 def _recipe(
     res: Resource[Any], values: Mapping[type, Any], registry: object, ctx: frozenset[type]
 ) -> Recipe:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
-from ._plan import Plan, compile_plan
+from ._plan import Plan, compile_plan, recipe_for
 from ._resource import Level, ReleaseWhen, Resource
 from ._scope import AppScope, Scope
 from .exceptions import ResourceMisuse, ScopeClosed
@@ -263,6 +263,52 @@ class Resources:
         self._plan = None
         return res
 
+    @contextmanager
+    def override(
+        self,
+        resource: Resource[T],
+        value: object = None,
+        *,
+        factory: Callable[..., Any] | None = None,
+    ) -> Iterator[Resource[Any]]:
+        """Replace *resource* with *value* (or *factory*, or another resource) in this block.
+
+        Every scope asks for the replacement instead, also an app scope that is
+        already open; the original comes back when the block ends, even when it
+        fails. A *factory* is declared like a resource (a generator is released).
+        """
+        if resource.registry is not self:
+            raise ResourceMisuse(
+                resource.name,
+                "it belongs to another Resources registry",
+                "override it on the registry that declared it",
+            )
+        if isinstance(value, Resource):
+            replacement: Resource[Any] = value
+        else:
+            made = factory if factory is not None else _constant(value)
+            replacement = Resource(
+                made,
+                name=f"{resource.name} (override)",
+                level=resource.level,
+                registry=self,
+                acquire_timeout=resource.acquire_timeout,
+                release_timeout=resource.release_timeout,
+                terminate=None,
+                ping=None,
+                shareable=True,
+                async_only=resource.async_only,
+                suppress_errors=False,
+            )
+            ctx = self._plan.context_types if self._plan is not None else frozenset()
+            replacement._compiled = recipe_for(replacement, self._values, self, ctx)
+        previous = resource._override
+        resource._override = replacement
+        try:
+            yield replacement
+        finally:
+            resource._override = previous
+
     # -- planning and opening ----------------------------------------------------------
 
     def plan(self, context_types: Iterable[type] = ()) -> Plan:
@@ -317,3 +363,10 @@ class Resources:
             return lifespan(self, app, user_lifespan)
 
         return wrapped
+
+
+def _constant(value: object) -> Callable[[], object]:
+    def constant() -> object:
+        return value
+
+    return constant

@@ -71,6 +71,7 @@ class Resource(Generic[T]):
     __slots__ = (
         "_compiled",
         "_getter",
+        "_override",
         "acquire_timeout",
         "async_only",
         "call",
@@ -101,6 +102,7 @@ class Resource(Generic[T]):
     registry: object
     _compiled: Any
     _getter: Any
+    _override: Resource[T] | None
 
     def __init__(
         self,
@@ -133,6 +135,7 @@ class Resource(Generic[T]):
         self.suppress_errors = suppress_errors
         self._compiled = None
         self._getter = None
+        self._override = None
 
     @property
     def scope(self) -> str:

@@ -121,6 +121,8 @@ class Scope:
 
     async def get(self, resource: Resource[T]) -> T:
         """Return this scope's instance of *resource*, acquiring it on first use."""
+        if resource._override is not None:
+            resource = resource._override
         lease = self._cache.get(resource)
         if lease is not None and lease.state == HELD:
             return lease.value  # type: ignore[no-any-return]
@@ -236,20 +238,20 @@ class Scope:
             self._state = CLOSED
             self._cache.clear()
             if self._root is not None:
-                self._root._child_closed()
+                self._root._child_closed(self)
         return _report(self.name, exc, suppressed, errors, interrupt)
 
 
 class AppScope(Scope):
     """The app's scope: opens app resources at start-up and closes them at shutdown."""
 
-    __slots__ = ("_drain_timeout", "_drained", "_failed", "_inflight", "_plan", "_slots", "_tg")
+    __slots__ = ("_children", "_drain_timeout", "_drained", "_failed", "_plan", "_slots", "_tg")
 
     def __init__(self, name: str, plan: Plan, drain_timeout: float | None) -> None:
         super().__init__(name, Level.APP, None)
         self._root = self
         self._plan = plan
-        self._inflight = 0
+        self._children: set[Scope] = set()
         self._drained: anyio.Event | None = None
         self._drain_timeout = drain_timeout
         self._tg: Any = None
@@ -259,19 +261,25 @@ class AppScope(Scope):
     @property
     def inflight(self) -> int:
         """How many child scopes (requests, jobs) are open now."""
-        return self._inflight
+        return len(self._children)
+
+    @property
+    def open_scopes(self) -> tuple[Scope, ...]:
+        """The child scopes (requests, jobs) open now, for leak reports."""
+        return tuple(self._children)
 
     def _child(
         self, name: str, level: Level, parent: Scope, context: dict[type, Any] | None
     ) -> Scope:
         if self._state != OPEN:
             raise ScopeClosed(self.name, self.state)
-        self._inflight += 1
-        return Scope(name, level, parent, context)
+        scope = Scope(name, level, parent, context)
+        self._children.add(scope)
+        return scope
 
-    def _child_closed(self) -> None:
-        self._inflight -= 1
-        if self._inflight == 0 and self._drained is not None:
+    def _child_closed(self, scope: Scope) -> None:
+        self._children.discard(scope)
+        if not self._children and self._drained is not None:
             self._drained.set()
 
     async def __aenter__(self) -> AppScope:
@@ -355,7 +363,13 @@ class AppScope(Scope):
         interrupt: BaseException | None = None
         suppressed = False
         for lease in reversed(self._leases):
-            slot = self._slots[lease.resource]
+            slot = self._slots.get(lease.resource)
+            if slot is None:  # an override acquired after start-up, held by this task
+                s, errs, intr = await _release_all([lease], exc)
+                suppressed = suppressed or s
+                errors.extend(errs)
+                interrupt = interrupt or intr
+                continue
             slot.outcome = exc
             slot.stop.set()
             with anyio.CancelScope(shield=True):
@@ -368,7 +382,7 @@ class AppScope(Scope):
         return suppressed, errors, interrupt
 
     async def _drain(self) -> None:
-        if self._inflight == 0:
+        if not self._children:
             return
         self._drained = anyio.Event()
         with anyio.move_on_after(self._drain_timeout, shield=True) as cs:
@@ -378,7 +392,7 @@ class AppScope(Scope):
                 "app scope %r: %d scope(s) still open after the %g s drain timeout; "
                 "closing app resources anyway",
                 self.name,
-                self._inflight,
+                len(self._children),
                 self._drain_timeout,
             )
 

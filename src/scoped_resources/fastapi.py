@@ -77,6 +77,8 @@ def _make_getter(resource: Resource[Any]) -> Callable[..., Any]:
     if resource.level is Level.APP:
 
         async def get_app_resource(request: Request) -> Any:
+            if resource._override is not None:
+                return await _app_scope(request, key, registry).get(resource._override)
             lease = _app_scope(request, key, registry)._cache.get(resource)
             if lease is None:
                 raise ScopeClosed(f"{registry.name} (app)", "not holding it", name)
