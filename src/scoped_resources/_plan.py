@@ -85,7 +85,7 @@ def _recipe(
     except (TypeError, ValueError):
         return Recipe((), {}, ())
     try:
-        hints = typing.get_type_hints(call, include_extras=True)
+        hints = typing.get_type_hints(call, localns=res.localns, include_extras=True)
     except Exception as exc:
         raise ResourceMisuse(
             res.name,
@@ -159,7 +159,7 @@ def _produced_type(res: Resource[Any]) -> Any:
     if inspect.isclass(target):
         return target
     try:
-        hint = typing.get_type_hints(target).get("return")
+        hint = typing.get_type_hints(target, localns=res.localns).get("return")
     except Exception:  # noqa: BLE001 - a best-effort check only
         return None
     if hint is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
@@ -259,6 +260,7 @@ class Resources:
             async_only=async_only,
             suppress_errors=suppress_errors,
         )
+        res.localns = _caller_locals()
         self._resources[label] = res
         self._plan = None
         return res
@@ -363,6 +365,16 @@ class Resources:
             return lifespan(self, app, user_lifespan)
 
         return wrapped
+
+
+def _caller_locals() -> dict[str, Any] | None:
+    """The local names of the function that declared a resource (not module level)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None or frame.f_locals is frame.f_globals:
+        return None
+    return dict(frame.f_locals)
 
 
 def _constant(value: object) -> Callable[[], object]:

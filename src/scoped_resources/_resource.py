@@ -78,6 +78,7 @@ class Resource(Generic[T]):
         "factory",
         "kind",
         "level",
+        "localns",
         "name",
         "ping",
         "registry",
@@ -92,6 +93,7 @@ class Resource(Generic[T]):
     factory: Any
     call: Any
     kind: Kind
+    localns: dict[str, Any] | None
     acquire_timeout: float | None
     release_timeout: float | None
     terminate: Callable[[T], Awaitable[object] | object] | None
@@ -136,6 +138,8 @@ class Resource(Generic[T]):
         self._compiled = None
         self._getter = None
         self._override = None
+        #: Names local to where it was declared, to resolve string annotations.
+        self.localns = None
 
     @property
     def scope(self) -> str:

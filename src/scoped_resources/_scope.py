@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -136,7 +137,11 @@ class Scope:
 
     async def _get_slow(self, resource: Resource[T], lease: Lease | None) -> T:
         owner = self
-        while owner.parent is not None and owner.parent.level >= resource.level:
+        while (
+            owner.level > resource.level
+            and owner.parent is not None
+            and owner.parent.level >= resource.level
+        ):
             owner = owner.parent
         if owner is not self:
             return await owner.get(resource)
@@ -173,10 +178,13 @@ class Scope:
                 kwargs[pname] = await self.get(dep)
             for pname, typ in recipe.context:
                 kwargs[pname] = self._context_value(resource, pname, typ)
-            try:
-                await guarded(_enter(lease, kwargs), resource.acquire_timeout, shield=False)
-            except DeadlineExpired:
-                raise ResourceBusy(resource.name, resource.acquire_timeout or 0.0) from None
+            if resource.acquire_timeout is None:
+                await _enter(lease, kwargs)
+            else:
+                try:
+                    await guarded(_enter(lease, kwargs), resource.acquire_timeout, shield=False)
+                except DeadlineExpired:
+                    raise ResourceBusy(resource.name, resource.acquire_timeout) from None
         except BaseException as exc:
             lease.state = FAILED
             lease.error = exc
@@ -522,13 +530,15 @@ def _release_awaitable(lease: Lease, exc: BaseException | None) -> Awaitable[Any
 
 
 async def _terminate(lease: Lease) -> bool:
+    """Run the resource's terminate hook (hard close); report, never raise."""
     hook: Callable[[Any], Any] | None = lease.resource.terminate
     if hook is None:
         return False
     try:
         result = hook(lease.value)
         if inspect.isawaitable(result):
-            await guarded(result, lease.resource.release_timeout, shield=True)
+            with anyio.move_on_after(lease.resource.release_timeout or math.inf):
+                await result
     except Exception as err:  # noqa: BLE001 - reported, never raised over the release error
         logger.error("terminating resource %r failed", lease.resource.name, exc_info=err)
     lease.state = TERMINATED
@@ -538,54 +548,112 @@ async def _terminate(lease: Lease) -> bool:
 async def _release_all(
     leases: list[Lease], exc: BaseException | None
 ) -> tuple[bool, list[Exception], BaseException | None]:
-    """Release *leases* in reverse order; never raises."""
-    suppressed = False
-    errors: list[Exception] = []
-    interrupt: BaseException | None = None
-    for lease in reversed(leases):
+    """Release *leases* in reverse order; never raises.
+
+    All releases run under one shielded cancel scope whose deadline is moved to
+    each release's own; a release that overruns it, or that a native cancel
+    interrupts, is terminated and the rest go on under a fresh scope.
+    """
+    run = _ReleaseRun(exc)
+    todo = [lease for lease in reversed(leases) if lease.exit is not None]
+    for lease in leases:
         if lease.exit is None:
             lease.state = RELEASED
-            continue
-        res = lease.resource
-        lease.state = RELEASING
-        try:
-            result = await guarded(_release_awaitable(lease, exc), res.release_timeout, shield=True)
-        except DeadlineExpired:
-            terminated = await _terminate(lease)
-            err: Exception = ReleaseTimeout(res.name, res.release_timeout or 0.0, terminated)
-            err.__scoped_resource__ = res.name  # type: ignore[attr-defined]
-            errors.append(err)
-            continue
-        except Exception as failure:  # noqa: BLE001 - gathered and raised together
-            failure.__scoped_resource__ = res.name  # type: ignore[attr-defined]
-            _note(failure, f"while releasing resource {res.name!r}")
-            errors.append(failure)
-            await _terminate(lease)
-            if lease.state != TERMINATED:
-                lease.state = FAILED
-            continue
-        except BaseException as stop:  # a native cancel or KeyboardInterrupt mid-release
-            interrupt = interrupt or stop
+    while run.index < len(todo):
+        with anyio.CancelScope(deadline=_deadline(todo[run.index]), shield=True) as scope:
+            await run.release_from(todo, scope)
+        stopped = run.stopped
+        if stopped is not None:
+            run.stopped = None
             with anyio.CancelScope(shield=True):
-                await _terminate(lease)
-            logger.error(
-                "release of resource %r was interrupted by %s; terminated it",
-                res.name,
-                type(stop).__name__,
-            )
-            continue
-        lease.state = RELEASED
-        if result and exc is not None:
-            if res.suppress_errors:
-                suppressed = True
-            else:
-                logger.warning(
-                    "resource %r tried to suppress %s while releasing; it was not "
-                    "suppressed (declare it with suppress_errors=True to allow that)",
-                    res.name,
-                    type(exc).__name__,
-                )
-    return suppressed, errors, interrupt
+                await _terminate(stopped)
+    return run.suppressed, run.errors, run.interrupt
+
+
+def _deadline(lease: Lease) -> float:
+    timeout = lease.resource.release_timeout
+    return anyio.current_time() + timeout if timeout is not None else math.inf
+
+
+class _ReleaseRun:
+    """The running state of one _release_all call."""
+
+    __slots__ = ("errors", "exc", "index", "interrupt", "stopped", "suppressed")
+
+    def __init__(self, exc: BaseException | None) -> None:
+        self.exc = exc
+        self.index = 0
+        self.suppressed = False
+        self.errors: list[Exception] = []
+        self.interrupt: BaseException | None = None
+        self.stopped: Lease | None = None
+
+    async def release_from(self, todo: list[Lease], scope: anyio.CancelScope) -> None:
+        """Release todo[self.index:] until one overruns or is interrupted."""
+        exc = self.exc
+        first = True
+        while self.index < len(todo):
+            lease = todo[self.index]
+            self.index += 1
+            res = lease.resource
+            if not first:
+                scope.deadline = _deadline(lease)
+            first = False
+            lease.state = RELEASING
+            try:
+                result = await _release_awaitable(lease, exc)
+            except Exception as failure:  # noqa: BLE001 - gathered and raised together
+                if scope.cancel_called:
+                    self._timed_out(lease)
+                    return
+                failure.__scoped_resource__ = res.name  # type: ignore[attr-defined]
+                _note(failure, f"while releasing resource {res.name!r}")
+                self.errors.append(failure)
+                self.stopped = lease
+                lease.state = FAILED
+                return
+            except BaseException as stop:
+                if scope.cancel_called:  # our own deadline: let the scope swallow it
+                    self._timed_out(lease)
+                    raise
+                # A native cancel (not ours, so not shielded) or KeyboardInterrupt.
+                self._interrupted(lease, stop)
+                return
+            if scope.cancel_called:  # it swallowed our cancellation, but ran late
+                self._timed_out(lease)
+                return
+            lease.state = RELEASED
+            if result and exc is not None:
+                self._suppress(res)
+
+    def _timed_out(self, lease: Lease) -> None:
+        res = lease.resource
+        err = ReleaseTimeout(res.name, res.release_timeout or 0.0, res.terminate is not None)
+        err.__scoped_resource__ = res.name  # type: ignore[attr-defined]
+        self.errors.append(err)
+        self.stopped = lease
+        lease.state = FAILED
+
+    def _interrupted(self, lease: Lease, stop: BaseException) -> None:
+        self.interrupt = self.interrupt or stop
+        self.stopped = lease
+        lease.state = FAILED
+        logger.error(
+            "release of resource %r was interrupted by %s; terminating it",
+            lease.resource.name,
+            type(stop).__name__,
+        )
+
+    def _suppress(self, res: Resource[Any]) -> None:
+        if res.suppress_errors:
+            self.suppressed = True
+            return
+        logger.warning(
+            "resource %r tried to suppress %s while releasing; it was not suppressed "
+            "(declare it with suppress_errors=True to allow that)",
+            res.name,
+            type(self.exc).__name__,
+        )
 
 
 def _report(

@@ -1,0 +1,5 @@
+"""Benchmarks of scoped-resources against hand-written FastAPI (issue 7).
+
+Run everything with ``python -m benchmarks`` (``--quick`` for a short check);
+see ``benchmarks/README.md``.
+"""

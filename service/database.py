@@ -1,0 +1,106 @@
+"""The database engine for both backends, and the migrations that make its schema.
+
+One engine, one set of SQLAlchemy Core queries: PostgreSQL through asyncpg,
+SQLite through aiosqlite. On SQLite the service needs three things PostgreSQL
+gives for free: foreign keys (a pragma per connection), waiting for a lock
+instead of failing at once (``busy_timeout``), and write transactions that take
+the write lock when they begin (``BEGIN IMMEDIATE``), so that two writers queue
+instead of deadlocking on the upgrade from a read lock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from .settings import Settings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+#: Execution option that makes a SQLite transaction take the write lock at BEGIN.
+WRITE = "service_write"
+#: Key of the PostgreSQL advisory lock held while migrating ("svc_migr").
+_MIGRATION_LOCK = 0x7376635F6D696772
+
+
+def make_engine(settings: Settings) -> AsyncEngine:
+    """An engine for *settings*' database; SQLite gets its pragmas and locking."""
+    if not settings.is_sqlite:
+        return create_async_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=0,
+            pool_timeout=10,
+            pool_pre_ping=False,
+        )
+    path = settings.sqlite_path
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=0,
+        pool_timeout=10,
+        connect_args={"timeout": 30},
+    )
+    sync = engine.sync_engine
+
+    @event.listens_for(sync, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" hook emit BEGIN, not the driver.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(sync, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """Bring the schema to *revision*; replicas that start together take turns."""
+    async with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn = await conn.execution_options(**{WRITE: True})
+        async with conn.begin():
+            if engine.dialect.name == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+            await conn.run_sync(_upgrade, revision)
+
+
+async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:
+    """Take the schema back to *revision* (``base``: drop every table)."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_downgrade, revision)
+
+
+def _config(connection: Connection) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _upgrade(connection: Connection, revision: str) -> None:
+    command.upgrade(_config(connection), revision)
+
+
+def _downgrade(connection: Connection, revision: str) -> None:
+    command.downgrade(_config(connection), revision)
+
+
+async def write_connection(conn: AsyncConnection) -> AsyncConnection:
+    """*conn* set up so that its next transaction is a write transaction."""
+    return await conn.execution_options(**{WRITE: True})

@@ -1,0 +1,1 @@
+"""Alembic migrations, run programmatically on PostgreSQL and SQLite alike."""

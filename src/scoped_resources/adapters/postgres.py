@@ -1,0 +1,203 @@
+"""PostgreSQL through asyncpg: a pool for the app, a connection or a transaction per request.
+
+::
+
+    pg = Postgres(resources, "postgresql://app@db/app")
+
+    @app.post("/users")
+    async def add(conn: Annotated[asyncpg.Connection, Use(pg.transaction)]) -> ...: ...
+
+=================================  ==============================================================
+resource                           guarantee
+=================================  ==============================================================
+``pg.pool`` (app)                  opened in the lifespan; ``SELECT 1`` ping; closed with
+                                   ``Pool.close()`` within *close_timeout*, else ``terminate()``
+``pg.connection`` (request)        leased with ``acquire(timeout=acquire_timeout)``; past it
+                                   :class:`ResourceBusy` (HTTP 503); always returned to the pool,
+                                   reset (asyncpg rolls back what is left open), or terminated
+``pg.transaction`` (request)       the request's connection inside a transaction: COMMIT before
+                                   the response (a failing COMMIT is HTTP 500), ROLLBACK on any
+                                   exception or cancellation; nested ``conn.transaction()`` blocks
+                                   are savepoints
+every one                          errors name the resource; the DSN password never appears in
+                                   reprs, messages or logs; a release that overruns its deadline
+                                   terminates the connection, so the pool never lends a dirty one
+=================================  ==============================================================
+
+A connection that died (the server restarted, the network dropped) is dropped by
+the pool: asyncpg reconnects closed connections on acquire, and a connection that
+fails while leased is terminated on release instead of returned.
+"""
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from .._registry import Resources
+from .._resource import Resource
+from ..fastapi import Use
+from ._common import redact
+
+__all__ = ["Postgres"]
+
+
+class Postgres:
+    """Declare an asyncpg pool (app), a connection and a transaction (request) on *resources*.
+
+    Resource names are ``f"{name}.pool"``, ``f"{name}.connection"`` and
+    ``f"{name}.transaction"``. *statement_cache_size* ``=0`` is needed behind
+    PgBouncer in transaction mode; other keyword arguments go to
+    ``asyncpg.create_pool``.
+    """
+
+    def __init__(
+        self,
+        resources: Resources,
+        dsn: str,
+        *,
+        name: str = "postgres",
+        min_size: int = 1,
+        max_size: int = 10,
+        acquire_timeout: float = 5.0,
+        release_timeout: float = 10.0,
+        close_timeout: float = 10.0,
+        statement_cache_size: int | None = None,
+        ping_timeout: float = 2.0,
+        **connect_kwargs: Any,
+    ) -> None:
+        self.name = name
+        self.dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self.acquire_timeout = acquire_timeout
+        self.ping_timeout = ping_timeout
+        if statement_cache_size is not None:
+            connect_kwargs["statement_cache_size"] = statement_cache_size
+        self._connect_kwargs = connect_kwargs
+        self._secrets = _secrets(dsn, connect_kwargs.get("password"))
+
+        self.pool: Resource[Any] = resources.app(
+            name=f"{name}.pool",
+            release_timeout=close_timeout,
+            terminate=_terminate_pool,
+            ping=self._ping,
+        )(self._open_pool)
+
+        async def connection(
+            pool: Annotated[Any, Use(self.pool)],
+        ) -> AsyncIterator[Any]:
+            conn = await self._acquire(pool)
+            try:
+                yield conn
+            finally:
+                # Shielded and bounded by the core; asyncpg resets the connection
+                # (rolls back what is left open) or terminates it.
+                await pool.release(conn)
+
+        self.connection: Resource[Any] = resources.request(
+            name=f"{name}.connection",
+            acquire_timeout=None,  # bounded by pool.acquire(timeout=...) below
+            release_timeout=release_timeout,
+            terminate=_terminate_connection,
+        )(connection)
+
+        async def transaction(
+            conn: Annotated[Any, Use(self.connection)],
+        ) -> AsyncIterator[Any]:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                yield conn
+            except BaseException:
+                await tx.rollback()
+                raise
+            await tx.commit()
+
+        self.transaction: Resource[Any] = resources.request(
+            name=f"{name}.transaction",
+            acquire_timeout=acquire_timeout,
+            release_timeout=release_timeout,
+            terminate=_terminate_connection,
+        )(transaction)
+
+    def __repr__(self) -> str:
+        return f"<Postgres {self.name!r} {redact(self.dsn)} size={self.min_size}..{self.max_size}>"
+
+    async def _open_pool(self) -> AsyncIterator[Any]:
+        import asyncpg
+
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                **self._connect_kwargs,
+            )
+        except Exception as exc:
+            raise self._scrubbed(exc) from None
+        try:
+            yield pool
+        finally:
+            # Waits for leases to come back; the core bounds it with close_timeout
+            # and then calls terminate(). A cancelled close() terminates by itself.
+            await pool.close()
+
+    async def _acquire(self, pool: Any) -> Any:
+        from ..exceptions import ResourceBusy
+
+        try:
+            return await pool.acquire(timeout=self.acquire_timeout)
+        except TimeoutError:
+            raise ResourceBusy(f"{self.name}.connection", self.acquire_timeout) from None
+        except Exception as exc:
+            raise self._scrubbed(exc) from None
+
+    async def _ping(self, pool: Any) -> None:
+        import anyio
+
+        with anyio.fail_after(self.ping_timeout):
+            async with pool.acquire(timeout=self.ping_timeout) as conn:
+                await conn.fetchval("SELECT 1")
+
+    def _scrubbed(self, exc: Exception) -> Exception:
+        """*exc* itself when its text holds no secret, else a copy of its type without it."""
+        text = str(exc)
+        clean = _scrub(text, self._secrets)
+        if clean == text:
+            return exc
+        try:
+            return type(exc)(clean)
+        except Exception:  # noqa: BLE001 - some driver errors take other arguments
+            return ConnectionError(f"{type(exc).__name__}: {clean}")
+
+
+def _secrets(dsn: str, password: object) -> tuple[str, ...]:
+    found: list[str] = []
+    try:
+        from_dsn = urlsplit(dsn).password
+    except ValueError:
+        from_dsn = None
+    for secret in (from_dsn, password):
+        if isinstance(secret, str) and secret:
+            found.append(secret)
+    return tuple(found)
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    text = redact(text)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _terminate_pool(pool: Any) -> None:
+    pool.terminate()
+
+
+def _terminate_connection(conn: Any) -> None:
+    # Terminating a pool connection hands its slot back to the pool, which opens
+    # a fresh connection on the next acquire. A proxy already handed back raises.
+    try:
+        conn.terminate()
+    except Exception:  # noqa: BLE001 - nothing left to terminate
+        return

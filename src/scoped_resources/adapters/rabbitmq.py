@@ -1,0 +1,233 @@
+"""RabbitMQ through ``aio-pika``: one robust connection per app, channels leased per request.
+
+==============================  ======================================================
+guarantee                       how
+==============================  ======================================================
+one connection                  ``.connection`` is app-scoped (``connect_robust``,
+                                reconnects by itself), pinged by opening a channel,
+                                closed at shutdown under *release_timeout*
+bounded channels                at most *channels* channels leased at once; a lease
+                                that waits longer than *acquire_timeout* raises
+                                :class:`~scoped_resources.exceptions.ResourceBusy`
+                                (aio-pika's own ``Pool`` waits forever)
+no dirty channel is reused      a channel comes back to the pool only when the
+                                request succeeded and the channel is still open;
+                                otherwise it is closed and a fresh one is opened
+                                on demand (a broker-closed channel is never lent)
+publisher confirms              on by default: ``publish`` returns after the broker
+                                confirmed the message
+cancel-safe                     a cancel while a channel opens closes it and frees
+                                its slot; releases are shielded and bounded
+no secrets in errors            ``repr`` and messages show the URL redacted
+==============================  ======================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import anyio
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from .._registry import Resources
+from .._resource import Resource
+from ..exceptions import ResourceBusy
+from ..fastapi import Use
+from ._common import redact
+
+__all__ = ["ChannelPool", "RabbitMQ"]
+
+
+class ChannelPool:
+    """A bounded pool of channels on one connection, with an acquire deadline.
+
+    ``await pool.acquire()`` lends a channel (reusing an idle open one, else
+    opening one); ``await pool.release(channel, reuse=...)`` takes it back, closing
+    it unless it is clean and open.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        *,
+        name: str,
+        size: int,
+        acquire_timeout: float | None,
+        publisher_confirms: bool,
+        close_timeout: float,
+    ) -> None:
+        self.name = name
+        self.size = size
+        self.acquire_timeout = acquire_timeout
+        self._connection = connection
+        self._confirms = publisher_confirms
+        self._close_timeout = close_timeout
+        self._slots = anyio.Semaphore(size, max_value=size)
+        self._idle: list[AbstractChannel] = []
+        self._closed = False
+        #: Channels opened over the pool's life (to see reuse and replacement).
+        self.opened = 0
+
+    @property
+    def free_slots(self) -> int:
+        """How many more channels could be leased now."""
+        return self._slots.value
+
+    async def acquire(self) -> AbstractChannel:
+        """Lend a channel; ResourceBusy past the acquire deadline."""
+        if self._closed:
+            raise RuntimeError(f"channel pool {self.name!r} is closed; the app is shutting down")
+        try:
+            with anyio.fail_after(self.acquire_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ResourceBusy(self.name, self.acquire_timeout or 0.0) from None
+        try:
+            while self._idle:
+                channel = self._idle.pop()
+                if not channel.is_closed:
+                    return channel
+            return await self._open_channel()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _open_channel(self) -> AbstractChannel:
+        channel = self._connection.channel(publisher_confirms=self._confirms)
+        try:
+            await channel.initialize(timeout=self.acquire_timeout)
+        except BaseException:
+            await self._close(channel)
+            raise
+        self.opened += 1
+        return channel
+
+    async def release(self, channel: AbstractChannel, *, reuse: bool) -> None:
+        """Take *channel* back: keep it if *reuse* and open, else close it."""
+        try:
+            if reuse and not channel.is_closed and not self._closed:
+                self._idle.append(channel)
+            else:
+                await self._close(channel)
+        finally:
+            self._slots.release()
+
+    async def _close(self, channel: AbstractChannel) -> None:
+        with anyio.move_on_after(self._close_timeout, shield=True):
+            if not channel.is_closed:
+                await channel.close()
+
+    async def aclose(self) -> None:
+        """Close the idle channels; leased ones close with the connection."""
+        self._closed = True
+        while self._idle:
+            await self._close(self._idle.pop())
+
+
+class RabbitMQ:
+    """The RabbitMQ resources of one app: ``.connection``, ``.channels``, ``.channel``.
+
+    ``.connection`` (app) is a robust connection; ``.channels`` (app) the bounded
+    channel pool; ``.channel`` (request) one channel leased from it. Extra
+    keyword arguments go to ``aio_pika.connect_robust``.
+    """
+
+    def __init__(
+        self,
+        resources: Resources,
+        url: str,
+        *,
+        name: str = "rabbitmq",
+        channels: int = 10,
+        acquire_timeout: float = 5.0,
+        publisher_confirms: bool = True,
+        connect_timeout: float = 10.0,
+        release_timeout: float = 5.0,
+        ping_timeout: float = 2.0,
+        **connect_kwargs: Any,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.channels_size = channels
+        self.acquire_timeout = acquire_timeout
+        self.publisher_confirms = publisher_confirms
+        self.connect_timeout = connect_timeout
+        self.release_timeout = release_timeout
+        self.ping_timeout = ping_timeout
+        self._connect_kwargs = connect_kwargs
+
+        self.connection: Resource[AbstractRobustConnection] = resources.app(
+            name=name,
+            timeout=connect_timeout,
+            release_timeout=release_timeout,
+            ping=self._ping,
+        )(self._open_connection)
+        connection = self.connection
+
+        async def channel_pool(
+            conn: AbstractRobustConnection = Use(connection),  # noqa: B008 - names the dependency
+        ) -> AsyncIterator[ChannelPool]:
+            pool = ChannelPool(
+                conn,
+                name=f"{name}.channel",
+                size=channels,
+                acquire_timeout=acquire_timeout,
+                publisher_confirms=publisher_confirms,
+                close_timeout=release_timeout,
+            )
+            try:
+                yield pool
+            finally:
+                await pool.aclose()
+
+        self.channels: Resource[ChannelPool] = resources.app(
+            name=f"{name}.channels", release_timeout=release_timeout
+        )(channel_pool)
+        pool_resource = self.channels
+
+        async def channel(
+            pool: ChannelPool = Use(pool_resource),  # noqa: B008 - names the dependency
+        ) -> AsyncIterator[AbstractChannel]:
+            lent = await pool.acquire()
+            try:
+                yield lent
+            except BaseException:
+                await pool.release(lent, reuse=False)
+                raise
+            await pool.release(lent, reuse=True)
+
+        # The pool applies the acquire deadline itself (naming the channel lease).
+        self.channel: Resource[AbstractChannel] = resources.request(
+            name=f"{name}.channel", acquire_timeout=None, release_timeout=release_timeout
+        )(channel)
+
+    def __repr__(self) -> str:
+        return f"<RabbitMQ {self.name!r} {redact(self.url)} channels={self.channels_size}>"
+
+    async def _open_connection(self) -> AsyncIterator[AbstractRobustConnection]:
+        try:
+            conn = await aio_pika.connect_robust(
+                self.url, timeout=self.connect_timeout, **self._connect_kwargs
+            )
+        except Exception as exc:  # noqa: BLE001 - re-raised without the unredacted text
+            # aio-pika's messages can carry the URL; show it redacted only.
+            raise ConnectionError(
+                f"resource {self.name!r}: cannot connect to {redact(self.url)}: "
+                f"{type(exc).__name__}"
+            ) from None
+        try:
+            yield conn
+        finally:
+            with anyio.move_on_after(self.release_timeout, shield=True):
+                await conn.close()
+
+    async def _ping(self, conn: AbstractRobustConnection) -> None:
+        if conn.is_closed:
+            raise ConnectionError(f"resource {self.name!r}: the connection is closed")
+        channel = conn.channel(publisher_confirms=False)
+        with anyio.fail_after(self.ping_timeout):
+            await channel.initialize(timeout=self.ping_timeout)
+        with anyio.move_on_after(self.ping_timeout, shield=True):
+            await channel.close()

@@ -1,0 +1,234 @@
+"""Redis through ``redis.asyncio``: one pooled client per app, pipelines and pub/sub per request.
+
+============================  ==========================================================
+guarantee                     how
+============================  ==========================================================
+bounded pool                  a ``BlockingConnectionPool`` of *max_connections*
+pool exhaustion is typed      a command that waits longer than *acquire_timeout* for a
+                              connection raises :class:`~scoped_resources.exceptions.
+                              ResourceBusy` naming the resource (HTTP 503 with the
+                              handler below), never a bare ``ConnectionError``
+cancelled commands are safe   redis-py disconnects a connection whose command was
+                              cancelled, so no stale reply is read by the next user
+pipelines never leak          ``.pipeline`` is reset on release (its connection goes
+                              back, WATCHes are dropped); queued commands that were
+                              never executed fail the request instead of vanishing
+pub/sub is closed             ``.pubsub`` is closed with ``aclose()`` on release
+shutdown is bounded           ``aclose()`` under *release_timeout*, then every pooled
+                              connection is disconnected
+no secrets in errors          the URL is shown redacted in ``repr`` and messages
+============================  ==========================================================
+
+Migrating from the tutorial's ``aioredis`` code
+-----------------------------------------------
+``import aioredis`` fails on Python 3.11+ (it was merged into redis-py as
+``redis.asyncio``). ``await aioredis.from_url(url)`` becomes the synchronous
+``redis.asyncio.Redis.from_url(url)``, ``close()`` becomes ``aclose()``, and the
+client belongs in the app scope, not in every request::
+
+    resources = Resources()
+    cache = Redis(resources, "redis://localhost")
+
+    @app.post("/cache/{key}")
+    async def set_cache(key: str, value: str, r: Annotated[redis.asyncio.Redis, Use(cache.client)]):
+        await r.set(key, value, ex=3600)
+
+A pool exhausted inside a route raises ``ResourceBusy``; answer it with 503::
+
+    from scoped_resources.adapters.redis import busy_handler
+    app.add_exception_handler(ResourceBusy, busy_handler)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import redis.asyncio
+from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.connection import BlockingConnectionPool, Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from .._registry import Resources
+from .._resource import Resource
+from ..exceptions import ResourceBusy
+from ..fastapi import Use
+from ._common import bounded, redact
+
+__all__ = ["BusyAwarePool", "Redis", "UnexecutedPipelineError", "busy_handler"]
+
+
+class UnexecutedPipelineError(RuntimeError):
+    """Raised when a request ends successfully with pipeline commands never executed.
+
+    Call ``await pipe.execute()`` before the route returns, or ``await pipe.reset()``
+    to drop the commands on purpose.
+    """
+
+
+class BusyAwarePool(BlockingConnectionPool):
+    """A ``BlockingConnectionPool`` that raises ResourceBusy when it is exhausted.
+
+    redis-py reports a wait past the pool's ``timeout`` as ``ConnectionError("No
+    connection available.")`` caused by a ``TimeoutError``; that exact case is
+    translated, every other connection error passes through.
+    """
+
+    resource_name: str = "redis"
+    #: Set when the owning client closed: connections are no longer lent, and any
+    #: connection handed back late (by a lease outliving shutdown) is disconnected.
+    closed: bool = False
+
+    async def get_connection(
+        self, command_name: Any = None, *keys: Any, **options: Any
+    ) -> Connection:
+        if self.closed:
+            raise RuntimeError(
+                f"resource {self.resource_name!r} is closed (the app shut down); "
+                "use it only while its app scope is open"
+            )
+        # The arguments are deprecated and unused by redis-py; never forward them.
+        try:
+            return cast(Connection, await super().get_connection())  # type: ignore[no-untyped-call]
+        except RedisConnectionError as exc:
+            if isinstance(exc.__cause__, TimeoutError | asyncio.TimeoutError):
+                raise ResourceBusy(self.resource_name, float(self.timeout or 0.0)) from None
+            raise
+
+    async def release(self, connection: Connection) -> None:  # type: ignore[override]
+        if self.closed:
+            await connection.disconnect()
+        await super().release(connection)
+
+
+class Redis:
+    """The Redis resources of one app: ``.client``, ``.pipeline`` and ``.pubsub``.
+
+    ``.client`` is app-scoped (a ``redis.asyncio.Redis`` on a bounded pool, pinged
+    for readiness); ``.pipeline`` and ``.pubsub`` are request leases made from it.
+    Extra keyword arguments go to ``BlockingConnectionPool.from_url``.
+    """
+
+    def __init__(
+        self,
+        resources: Resources,
+        url: str,
+        *,
+        name: str = "redis",
+        max_connections: int = 10,
+        acquire_timeout: float = 5.0,
+        socket_timeout: float = 5.0,
+        ping_timeout: float = 2.0,
+        release_timeout: float = 5.0,
+        transaction: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.max_connections = max_connections
+        self.acquire_timeout = acquire_timeout
+        self.socket_timeout = socket_timeout
+        self.ping_timeout = ping_timeout
+        self.release_timeout = release_timeout
+        self.transaction = transaction
+        self._kwargs = kwargs
+
+        self.client: Resource[redis.asyncio.Redis] = resources.app(
+            name=name,
+            release_timeout=release_timeout,
+            terminate=self._terminate,
+            ping=self._ping,
+        )(self._open_client)
+        client = self.client
+
+        async def reset(pipe: Pipeline) -> None:
+            pool = pipe.connection_pool
+            if isinstance(pool, BusyAwarePool) and pool.closed and pipe.connection is not None:
+                # The app shut down with this lease out: UNWATCH would reconnect.
+                await pipe.connection.disconnect()
+                pipe.watching = False
+            await pipe.reset()  # type: ignore[no-untyped-call]
+
+        async def pipeline(
+            r: redis.asyncio.Redis = Use(client),  # noqa: B008 - the marker names the dependency
+        ) -> AsyncIterator[Pipeline]:
+            pipe = r.pipeline(transaction=transaction)
+            try:
+                yield pipe
+            except BaseException:
+                await reset(pipe)
+                raise
+            pending = len(pipe.command_stack)
+            await reset(pipe)
+            if pending:
+                raise UnexecutedPipelineError(
+                    f"resource {name}.pipeline: {pending} queued command(s) were never "
+                    "executed; call 'await pipe.execute()' before returning, or "
+                    "'await pipe.reset()' to drop them"
+                )
+
+        async def pubsub(
+            r: redis.asyncio.Redis = Use(client),  # noqa: B008 - the marker names the dependency
+        ) -> AsyncIterator[PubSub]:
+            ps = r.pubsub()
+            try:
+                yield ps
+            finally:
+                await ps.aclose()  # type: ignore[no-untyped-call]
+
+        self.pipeline: Resource[Pipeline] = resources.request(
+            name=f"{name}.pipeline",
+            acquire_timeout=acquire_timeout,
+            release_timeout=release_timeout,
+        )(pipeline)
+        self.pubsub: Resource[PubSub] = resources.request(
+            name=f"{name}.pubsub",
+            acquire_timeout=acquire_timeout,
+            release_timeout=release_timeout,
+            terminate=_close_pubsub_connection,
+        )(pubsub)
+
+    def __repr__(self) -> str:
+        return f"<Redis {self.name!r} {redact(self.url)} max_connections={self.max_connections}>"
+
+    async def _open_client(self) -> AsyncIterator[redis.asyncio.Redis]:
+        pool = BusyAwarePool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=self.acquire_timeout,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.socket_timeout,
+            **self._kwargs,
+        )
+        pool.resource_name = self.name
+        client = redis.asyncio.Redis.from_pool(pool)  # the client owns (and closes) the pool
+        try:
+            yield client
+        finally:
+            pool.closed = True
+            await client.aclose()
+
+    async def _ping(self, client: redis.asyncio.Redis) -> None:
+        await bounded(self.name, client.ping(), self.ping_timeout)
+
+    async def _terminate(self, client: redis.asyncio.Redis) -> None:
+        await client.connection_pool.disconnect(inuse_connections=True)
+
+
+async def _close_pubsub_connection(ps: PubSub) -> None:
+    if ps.connection is not None:
+        await ps.connection.disconnect()
+
+
+async def busy_handler(request: Any, exc: Exception) -> Any:
+    """A FastAPI exception handler: ResourceBusy raised in a route becomes 503 + Retry-After.
+
+    The core answers 503 for a lease that cannot be acquired; a pool exhausted by a
+    command *inside* the route raises in the route, so register this handler:
+    ``app.add_exception_handler(ResourceBusy, busy_handler)``.
+    """
+    from ..fastapi import problem_response
+
+    retry = getattr(exc, "retry_after", 1.0)
+    return problem_response(503, str(exc), {"Retry-After": f"{max(1, round(retry))}"})
