@@ -119,7 +119,7 @@ def _recipe(
         elif param.default is not _EMPTY:
             continue
         else:
-            wanted = getattr(base, "__qualname__", repr(base)) if base is not _EMPTY else "a value"
+            wanted = getattr(base, "__name__", repr(base)) if base is not _EMPTY else "a value"
             raise MissingDependency(
                 res.name,
                 pname,

@@ -295,10 +295,10 @@ class AppScope(Scope):
         await self._tg.__aenter__()
         try:
             await self._open_all()
-        except BaseException as exc:
+        except BaseException:
             self._tg.cancel_scope.cancel()
             self._state = CLOSED
-            await self._tg.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._tg.__aexit__(None, None, None)
             raise
         return self
 

@@ -1,0 +1,120 @@
+"""Cancellation at every await point of acquire and release leaves nothing open."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from scoped_resources import Resources
+
+from .helpers import Checkpoints, Journal, generator_resource
+
+pytestmark = pytest.mark.anyio
+
+AWAITS = 3  # await points in each acquire and in each release
+TOTAL = 4 * AWAITS + 1  # two resources acquired and released, plus the work
+
+
+async def _run_cancelled_at(point: int) -> tuple[Journal, Checkpoints]:
+    resources = Resources()
+    journal = Journal()
+    points = Checkpoints(cancel_at=point)
+    first = generator_resource(resources, journal, "first", awaits=AWAITS, points=points)
+    second = generator_resource(resources, journal, "second", awaits=AWAITS, points=points)
+    async with resources.open() as app_scope:
+        with anyio.CancelScope() as cancel:
+            points.scope = cancel
+            async with app_scope.child() as scope:
+                await scope.get(first)
+                await scope.get(second)
+                await points.point()
+        assert app_scope.inflight == 0
+    return journal, points
+
+
+class TestCancelEverywhere:
+    """A cancel at any await point: every instance that was opened is released."""
+
+    @pytest.mark.parametrize("point", range(1, TOTAL + 1))
+    async def test_nothing_is_left_open(self, point: int) -> None:
+        """Cancelling at await point N leaves no instance open."""
+        journal, points = await _run_cancelled_at(point)
+        assert journal.open == set()
+        assert points.seen >= point
+
+    @pytest.mark.parametrize("point", range(2 * AWAITS + 2, TOTAL + 1))
+    async def test_a_release_in_progress_runs_to_its_end(self, point: int) -> None:
+        """A cancel during release is held off: every release point still runs."""
+        journal, points = await _run_cancelled_at(point)
+        assert points.seen == TOTAL
+        assert journal.events[-2:] == ["release second", "release first"]
+
+    @pytest.mark.parametrize("point", range(AWAITS + 1, 2 * AWAITS + 1))
+    async def test_a_cancelled_acquire_releases_what_came_before(self, point: int) -> None:
+        """A cancel while acquiring the second resource releases the first with the outcome."""
+        journal, _ = await _run_cancelled_at(point)
+        assert "acquire second" not in journal.events
+        assert journal.events[-1].startswith("release first after ")
+
+
+class TestCancelDuringCleanup:
+    """Cleanup itself is shielded and never abandoned half-way."""
+
+    async def test_an_outer_cancel_waits_for_a_slow_release(self) -> None:
+        """A release waiting on I/O finishes even though its caller was cancelled."""
+        resources = Resources()
+        journal = Journal()
+        flushing = anyio.Event()
+        may_finish = anyio.Event()
+
+        @resources.request
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+            flushing.set()
+            await may_finish.wait()
+            journal.add("flushed")
+
+        async with resources.open() as app_scope, anyio.create_task_group() as tg:
+
+            async def request() -> None:
+                async with app_scope.child() as scope:
+                    await scope.get(conn)
+
+            tg.start_soon(request)
+            await flushing.wait()
+            tg.cancel_scope.cancel()
+            may_finish.set()
+        assert journal.events == ["flushed"]
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_native_cancel_mid_release_terminates_and_goes_on(self) -> None:
+        """A bare task.cancel() interrupts one release: it is terminated, the rest still run."""
+        resources = Resources()
+        journal = Journal()
+        terminated: list[str] = []
+        in_release = anyio.Event()
+        first = generator_resource(resources, journal, "first")
+
+        @resources.request(terminate=terminated.append)
+        async def second() -> AsyncIterator[str]:
+            yield "second"
+            in_release.set()
+            await anyio.sleep_forever()
+
+        async with resources.open() as app_scope:
+
+            async def request() -> None:
+                async with app_scope.child() as scope:
+                    await scope.get(first)
+                    await scope.get(second)
+
+            task = asyncio.ensure_future(request())
+            await in_release.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert terminated == ["second"]
+        assert journal.events == ["acquire first", "release first"]
