@@ -21,7 +21,8 @@ AMQP_URL = os.environ.get("SR_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672
 def _reachable(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 2):
+        address = (parts.hostname or "127.0.0.1", parts.port or default_port)
+        with socket.create_connection(address, 2):
             return True
     except OSError:
         return False

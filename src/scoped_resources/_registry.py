@@ -95,15 +95,21 @@ class Resources:
     # -- declaring ----------------------------------------------------------------
 
     @overload
-    def app(self, factory: Callable[..., AsyncIterator[T]], /) -> Resource[T]: ...
+    def app(
+        self, factory: Callable[..., AsyncIterator[T]], /, *, name: str | None = None
+    ) -> Resource[T]: ...
     @overload
-    def app(self, factory: Callable[..., _AsyncContext[T]], /) -> Resource[T]: ...
+    def app(
+        self, factory: Callable[..., _AsyncContext[T]], /, *, name: str | None = None
+    ) -> Resource[T]: ...
     @overload
-    def app(self, factory: Callable[..., Awaitable[T]], /) -> Resource[T]: ...
+    def app(
+        self, factory: Callable[..., Awaitable[T]], /, *, name: str | None = None
+    ) -> Resource[T]: ...
     @overload
-    def app(self, factory: _AsyncContext[T], /) -> Resource[T]: ...
+    def app(self, factory: _AsyncContext[T], /, *, name: str | None = None) -> Resource[T]: ...
     @overload
-    def app(self, factory: Callable[..., T], /) -> Resource[T]: ...
+    def app(self, factory: Callable[..., T], /, *, name: str | None = None) -> Resource[T]: ...
     @overload
     def app(
         self,
@@ -118,7 +124,6 @@ class Resources:
     def app(
         self,
         factory: Any = None,
-        /,
         *,
         name: str | None = None,
         timeout: Any = ...,
@@ -150,15 +155,21 @@ class Resources:
         return declare if factory is None else declare(factory)
 
     @overload
-    def request(self, factory: Callable[..., AsyncIterator[T]], /) -> Resource[T]: ...
+    def request(
+        self, factory: Callable[..., AsyncIterator[T]], /, *, name: str | None = None
+    ) -> Resource[T]: ...
     @overload
-    def request(self, factory: Callable[..., _AsyncContext[T]], /) -> Resource[T]: ...
+    def request(
+        self, factory: Callable[..., _AsyncContext[T]], /, *, name: str | None = None
+    ) -> Resource[T]: ...
     @overload
-    def request(self, factory: Callable[..., Awaitable[T]], /) -> Resource[T]: ...
+    def request(
+        self, factory: Callable[..., Awaitable[T]], /, *, name: str | None = None
+    ) -> Resource[T]: ...
     @overload
-    def request(self, factory: _AsyncContext[T], /) -> Resource[T]: ...
+    def request(self, factory: _AsyncContext[T], /, *, name: str | None = None) -> Resource[T]: ...
     @overload
-    def request(self, factory: Callable[..., T], /) -> Resource[T]: ...
+    def request(self, factory: Callable[..., T], /, *, name: str | None = None) -> Resource[T]: ...
     @overload
     def request(
         self,
@@ -174,7 +185,6 @@ class Resources:
     def request(
         self,
         factory: Any = None,
-        /,
         *,
         name: str | None = None,
         acquire_timeout: Any = ...,
@@ -237,9 +247,7 @@ class Resources:
         suppress_errors: bool,
     ) -> Resource[Any]:
         if isinstance(factory, Resource):
-            raise ResourceMisuse(
-                factory.name, "it is declared twice", "declare each resource once"
-            )
+            raise ResourceMisuse(factory.name, "it is declared twice", "declare each resource once")
         label = name or getattr(factory, "__name__", None) or type(factory).__name__
         if label in self._resources:
             raise ResourceMisuse(

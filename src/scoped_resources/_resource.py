@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import Any, Generic, Literal, TypeVar
 
-T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 ReleaseWhen = Literal["before_response", "after_response"]
 
@@ -60,7 +60,7 @@ UNSHAREABLE_TYPES = frozenset(
 )
 
 
-class Resource(Generic[T]):
+class Resource(Generic[T_co]):
     """A declared resource: a name, a scope, a factory and its options.
 
     Made by :meth:`Resources.app` and :meth:`Resources.request`; ask for one in a
@@ -96,15 +96,15 @@ class Resource(Generic[T]):
     localns: dict[str, Any] | None
     acquire_timeout: float | None
     release_timeout: float | None
-    terminate: Callable[[T], Awaitable[object] | object] | None
-    ping: Callable[[T], Awaitable[object]] | None
+    terminate: Callable[[T_co], Awaitable[object] | object] | None
+    ping: Callable[[T_co], Awaitable[object]] | None
     shareable: bool
     async_only: bool
     suppress_errors: bool
     registry: object
     _compiled: Any
     _getter: Any
-    _override: Resource[T] | None
+    _override: Resource[T_co] | None
 
     def __init__(
         self,
@@ -115,8 +115,8 @@ class Resource(Generic[T]):
         registry: object,
         acquire_timeout: float | None,
         release_timeout: float | None,
-        terminate: Callable[[T], Awaitable[object] | object] | None,
-        ping: Callable[[T], Awaitable[object]] | None,
+        terminate: Callable[[T_co], Awaitable[object] | object] | None,
+        ping: Callable[[T_co], Awaitable[object]] | None,
         shareable: bool,
         async_only: bool | None,
         suppress_errors: bool,
@@ -154,7 +154,7 @@ class Resource(Generic[T]):
         return self.factory(*args, **kwargs)
 
 
-def classify(factory: Any, name: str) -> Kind:
+def classify(factory: Any, name: str) -> Kind:  # noqa: PLR0911 - one return per kind
     """Decide, once at declaration, how *factory* makes and releases an instance."""
     from .exceptions import ResourceMisuse
 

@@ -74,8 +74,17 @@ class Scope:
     with ``async with resources.scope() as scope``.
     """
 
-    __slots__ = ("__weakref__", "_cache", "_context", "_leases", "_root", "_state", "level",
-                 "name", "parent")
+    __slots__ = (
+        "__weakref__",
+        "_cache",
+        "_context",
+        "_leases",
+        "_root",
+        "_state",
+        "level",
+        "name",
+        "parent",
+    )
 
     def __init__(
         self,
@@ -208,9 +217,7 @@ class Scope:
             if scope._context is not None and typ in scope._context:
                 return scope._context[typ]
             scope = scope.parent
-        raise ScopeClosed(
-            self.name, f"without a {typ.__qualname__} for {resource.name!r}.{pname}"
-        )
+        raise ScopeClosed(self.name, f"without a {typ.__qualname__} for {resource.name!r}.{pname}")
 
     def _check_open(self, resource: Resource[Any] | None) -> None:
         if self._state != OPEN:
@@ -366,7 +373,9 @@ class AppScope(Scope):
                     other.cancel.cancel()
         slot.opened.set()
 
-    async def _close_slots(self, exc: BaseException | None) -> tuple[bool, list[Exception], BaseException | None]:
+    async def _close_slots(
+        self, exc: BaseException | None
+    ) -> tuple[bool, list[Exception], BaseException | None]:
         errors: list[Exception] = []
         interrupt: BaseException | None = None
         suppressed = False
@@ -443,8 +452,18 @@ class AppScope(Scope):
 class _Slot:
     """One app resource's task: opened, told to stop, done."""
 
-    __slots__ = ("cancel", "deps", "done", "error", "lease", "opened", "outcome", "resource",
-                 "result", "stop")
+    __slots__ = (
+        "cancel",
+        "deps",
+        "done",
+        "error",
+        "lease",
+        "opened",
+        "outcome",
+        "resource",
+        "result",
+        "stop",
+    )
 
     def __init__(self, resource: Resource[Any], deps: list[_Slot]) -> None:
         self.resource = resource
@@ -539,8 +558,10 @@ async def _terminate(lease: Lease) -> bool:
         if inspect.isawaitable(result):
             with anyio.move_on_after(lease.resource.release_timeout or math.inf):
                 await result
-    except Exception as err:  # noqa: BLE001 - reported, never raised over the release error
-        logger.error("terminating resource %r failed", lease.resource.name, exc_info=err)
+    except Exception as err:
+        logger.error(  # noqa: TRY400 - the traceback is err's, not the current one
+            "terminating resource %r failed", lease.resource.name, exc_info=err
+        )
     lease.state = TERMINATED
     return True
 

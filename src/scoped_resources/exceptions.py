@@ -36,7 +36,7 @@ __all__ = [
 
 
 class ScopedResourcesError(Exception):
-    """Raised by scoped-resources; the base of every error it defines."""
+    """Raised when scoped-resources fails; the base of every error it defines."""
 
 
 class PlanError(ScopedResourcesError):
@@ -147,7 +147,7 @@ class ScopeClosed(ScopedResourcesError, RuntimeError):
 
 
 class ReleaseTimeout(ScopedResourcesError):
-    """Raised (inside :class:`ReleaseFailed`) when a release overran its deadline.
+    """Raised when a release overran its deadline (found inside :class:`ReleaseFailed`).
 
     The release was cancelled and the resource's terminate hook ran.
     """
@@ -167,7 +167,7 @@ class ReleaseTimeout(ScopedResourcesError):
         )
 
 
-class ReleaseFailed(ExceptionGroup[Exception], ScopedResourcesError):  # type: ignore[misc]
+class ReleaseFailed(ExceptionGroup[Exception], ScopedResourcesError):
     """Raised when one or more releases of a scope failed.
 
     Every release was attempted; the group holds each failure, and each carries a

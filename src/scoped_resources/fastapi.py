@@ -88,7 +88,11 @@ def _make_getter(resource: Resource[Any]) -> Callable[..., Any]:
     else:
         scopes = _request_dependency(registry)
 
-        async def get_request_resource(scope: Scope = params.Depends(scopes)) -> Any:  # noqa: B008
+        # A default, not Annotated: FastAPI resolves string annotations from module
+        # globals, and `scopes` is local to this function.
+        async def get_request_resource(
+            scope: Scope = params.Depends(scopes),  # type: ignore[assignment]  # noqa: B008
+        ) -> Any:
             try:
                 return await scope.get(resource)
             except ResourceBusy as busy:
@@ -260,9 +264,9 @@ def _check_dependant(dependant: Dependant, route: Any, registry: Resources) -> N
 
 def problem_response(status: int, detail: str, headers: dict[str, str] | None = None) -> Any:
     """An ``application/problem+json`` response, as the integration's errors use."""
-    from fastapi.responses import JSONResponse
-
     from http import HTTPStatus
+
+    from fastapi.responses import JSONResponse
 
     try:
         title = HTTPStatus(status).phrase

@@ -121,7 +121,7 @@ class TestShutdown:
         """The pool closes only after the in-flight request released its connection."""
         resources = Resources(drain_timeout=5)
         journal = Journal()
-        pool = generator_resource(resources, journal, "pool", scope="app")
+        generator_resource(resources, journal, "pool", scope="app")
         conn = generator_resource(resources, journal, "conn")
         holding = anyio.Event()
         finish = anyio.Event()
@@ -133,16 +133,15 @@ class TestShutdown:
                 await finish.wait()
                 journal.add("request done")
 
-        async with anyio.create_task_group() as tg:
-            async with resources.open() as app_scope:
-                tg.start_soon(request, app_scope)
-                await holding.wait()
+        async with anyio.create_task_group() as tg, resources.open() as app_scope:
+            tg.start_soon(request, app_scope)
+            await holding.wait()
 
-                async def finish_later() -> None:
-                    await anyio.wait_all_tasks_blocked()
-                    finish.set()
+            async def finish_later() -> None:
+                await anyio.wait_all_tasks_blocked()
+                finish.set()
 
-                tg.start_soon(finish_later)
+            tg.start_soon(finish_later)
         assert journal.events[-3:] == ["request done", "release conn", "release pool"]
 
     async def test_drain_is_bounded_by_its_timeout(self) -> None:

@@ -15,7 +15,6 @@ from scoped_resources.exceptions import (
     ScopeViolation,
 )
 
-
 _cyclic = Resources("cyclic")
 
 
@@ -102,7 +101,7 @@ class TestMisuseAtDeclaration:
 
     def test_an_unshareable_type_cannot_be_app_scoped(self) -> None:
         """A connection type declared app-scoped would be raced on by requests."""
-        import asyncpg  # noqa: F401 - the check reads the annotation's qualified name
+        import asyncpg
 
         resources = Resources()
 
@@ -153,7 +152,7 @@ class TestMisuseAtDeclaration:
         """Declaring something that is neither callable nor a context manager fails."""
         resources = Resources()
         with pytest.raises(ResourceMisuse, match="neither callable"):
-            resources.app(42, name="answer")
+            resources.app(42, name="answer")  # type: ignore[call-overload]
 
     def test_string_annotations_of_local_names_resolve(self) -> None:
         """Annotations naming locals of the declaring function are resolved."""

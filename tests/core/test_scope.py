@@ -29,7 +29,7 @@ class TestEventOrder:
     """Open, acquire, release and close happen in a fixed order in every scope."""
 
     async def test_app_and_request_resources_follow_the_lifecycle_order(self) -> None:
-        """The app resource opens first, request ones release in reverse, the app one closes last."""
+        """The app resource opens first, request ones release in reverse, the app one last."""
         resources = Resources()
         journal = Journal()
         pool = generator_resource(resources, journal, "pool", scope="app")
@@ -175,7 +175,6 @@ class TestOutcome:
         resources = Resources()
         seen: list[Any] = []
 
-        @resources.request
         class Tx:
             async def __aenter__(self) -> Tx:
                 return self
@@ -183,10 +182,11 @@ class TestOutcome:
             async def __aexit__(self, *exc_info: Any) -> None:
                 seen.append(exc_info[0])
 
+        tx = resources.request(Tx)
         async with resources.open() as app_scope:
             with pytest.raises(ValueError, match="bad"):
                 async with app_scope.child() as scope:
-                    await scope.get(Tx)
+                    await scope.get(tx)
                     raise ValueError("bad")
         assert seen == [ValueError]
 
@@ -194,7 +194,6 @@ class TestOutcome:
         """A suppressing __aexit__ cannot swallow the scope's error unless declared so."""
         resources = Resources()
 
-        @resources.request
         class Swallower:
             async def __aenter__(self) -> Swallower:
                 return self
@@ -202,17 +201,17 @@ class TestOutcome:
             async def __aexit__(self, *exc_info: Any) -> bool:
                 return True
 
+        swallower = resources.request(Swallower)
         async with resources.open() as app_scope:
             with pytest.raises(ValueError, match="kept"):
                 async with app_scope.child() as scope:
-                    await scope.get(Swallower)
+                    await scope.get(swallower)
                     raise ValueError("kept")
 
     async def test_release_declared_suppressing_may_swallow_the_error(self) -> None:
         """suppress_errors=True lets a resource suppress the scope's error, as asked."""
         resources = Resources()
 
-        @resources.request(suppress_errors=True)
         class Swallower:
             async def __aenter__(self) -> Swallower:
                 return self
@@ -220,10 +219,11 @@ class TestOutcome:
             async def __aexit__(self, *exc_info: Any) -> bool:
                 return True
 
-        async with resources.open() as app_scope:
-            async with app_scope.child() as scope:
-                await scope.get(Swallower)
-                raise ValueError("swallowed")
+        swallower = resources.request(suppress_errors=True)(Swallower)
+
+        async with resources.open() as app_scope, app_scope.child() as scope:
+            await scope.get(swallower)
+            raise ValueError("swallowed")
 
 
 class TestFailingReleases:
@@ -400,7 +400,6 @@ class TestMisuse:
         """A scope garbage-collected with instances open emits a ResourceWarning."""
         resources = Resources()
 
-        @resources.request
         class Leaky:
             async def __aenter__(self) -> Leaky:
                 return self
@@ -408,9 +407,10 @@ class TestMisuse:
             async def __aexit__(self, *exc_info: object) -> None:
                 return None
 
+        leaky = resources.request(Leaky)
         async with resources.open() as app_scope:
             scope = app_scope.child("forgotten")
-            await scope.get(Leaky)
+            await scope.get(leaky)
             app_scope._children.discard(scope)
             with pytest.warns(ResourceWarning, match="'forgotten'.*'Leaky'"):
                 del scope

@@ -1,0 +1,186 @@
+"""Over real HTTP (uvicorn on 127.0.0.1) against the real PostgreSQL and Redis."""
+
+# No "from __future__ import annotations": FastAPI must see the real annotations.
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import anyio
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+from fastapi import Depends, FastAPI
+
+from scoped_resources import Resources, Use
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def uvicorn_serving(app: FastAPI) -> AsyncIterator[str]:
+    """Serve *app* with uvicorn on a free 127.0.0.1 port; yield its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+
+
+@pytest.fixture
+async def deferred_table(pg_dsn: str) -> AsyncIterator[str]:
+    """A table whose unique constraint is checked only at COMMIT."""
+    name = f"sr_deferred_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(
+            f"CREATE TABLE {name} (k int, CONSTRAINT {name}_k UNIQUE (k) "
+            "DEFERRABLE INITIALLY DEFERRED)"
+        )
+        yield name
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {name}")
+        await conn.close()
+
+
+def transaction_app(pg_dsn: str, table: str) -> FastAPI:
+    resources = Resources()
+
+    @resources.app
+    async def pool() -> AsyncIterator[asyncpg.Pool]:
+        async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=2) as p:
+            yield p
+
+    @resources.request
+    async def tx(p: Annotated[Any, Use(pool)]) -> AsyncIterator[asyncpg.Connection]:
+        async with p.acquire() as conn, conn.transaction():
+            yield conn
+
+    app = FastAPI(lifespan=resources.lifespan)
+
+    @app.post("/rows/{k}")
+    async def insert_twice(k: int, conn: Annotated[Any, Use(tx)]) -> dict[str, int]:
+        # Both inserts succeed; the duplicate is found only at COMMIT.
+        await conn.execute(f"INSERT INTO {table} (k) VALUES ($1), ($1)", k)
+        return {"inserted": 2}
+
+    return app
+
+
+class TestCommitBeforeRespond:
+    """A COMMIT that fails reaches the client as a 5xx answer, and nothing is stored."""
+
+    async def test_a_deferred_constraint_failing_at_commit_answers_500(
+        self, pg_dsn: str, deferred_table: str
+    ) -> None:
+        """The real COMMIT fails; the client gets 500 and the table stays empty."""
+        app = transaction_app(pg_dsn, deferred_table)
+        async with uvicorn_serving(app) as base, httpx.AsyncClient(base_url=base) as client:
+            response = await client.post("/rows/7")
+        assert response.status_code == 500
+        assert "'tx'" in response.json()["detail"]
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            assert await conn.fetchval(f"SELECT count(*) FROM {deferred_table}") == 0
+        finally:
+            await conn.close()
+
+    async def test_hand_written_yield_dependency_answers_200_for_the_same_failure(
+        self, pg_dsn: str, deferred_table: str
+    ) -> None:
+        """The tutorial's way: the client is told 200 while the COMMIT failed (the bug we fix)."""
+        pool_holder: dict[str, Any] = {}
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            async with asyncpg.create_pool(pg_dsn, min_size=1, max_size=2) as p:
+                pool_holder["pool"] = p
+                yield
+
+        async def tx() -> AsyncIterator[Any]:
+            async with pool_holder["pool"].acquire() as conn, conn.transaction():
+                yield conn
+
+        app = FastAPI(lifespan=lifespan)
+
+        @app.post("/rows/{k}")
+        async def insert_twice(k: int, conn: Annotated[Any, Depends(tx)]) -> dict[str, int]:
+            await conn.execute(f"INSERT INTO {deferred_table} (k) VALUES ($1), ($1)", k)
+            return {"inserted": 2}
+
+        async with uvicorn_serving(app) as base, httpx.AsyncClient(base_url=base) as client:
+            response = await client.post("/rows/7")
+        assert response.status_code == 200
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            assert await conn.fetchval(f"SELECT count(*) FROM {deferred_table}") == 0
+        finally:
+            await conn.close()
+
+
+class TestTutorialRedisDependency:
+    """The tutorial's `Depends(redis_client)` works through Use against the real Redis."""
+
+    async def test_the_tutorial_redis_client_works_through_use(self, redis_url: str) -> None:
+        """POST /cache/{key} stores the value with a one-hour expiry."""
+        resources = Resources()
+
+        @resources.request
+        @asynccontextmanager
+        async def redis_client() -> AsyncIterator[aioredis.Redis]:
+            client = aioredis.from_url(redis_url)
+            try:
+                yield client
+            finally:
+                await client.aclose()
+
+        app = FastAPI(lifespan=resources.lifespan)
+
+        @app.post("/cache/{key}")
+        async def set_cache(key: str, value: str, r: Any = Use(redis_client)) -> dict[str, str]:
+            await r.set(key, value, ex=3600)
+            return {"msg": "cached"}
+
+        key = f"sr-test-{uuid.uuid4().hex}"
+        async with uvicorn_serving(app) as base, httpx.AsyncClient(base_url=base) as client:
+            response = await client.post(f"/cache/{key}", params={"value": "v"})
+        assert response.json() == {"msg": "cached"}
+        check = aioredis.from_url(redis_url)
+        try:
+            assert await check.get(key) == b"v"
+            assert 3590 < await check.ttl(key) <= 3600
+            await check.delete(key)
+        finally:
+            await check.aclose()
+
+    async def test_plain_depends_on_the_same_function_answers_500(self, redis_url: str) -> None:
+        """Without the library, FastAPI cannot use an @asynccontextmanager dependency."""
+
+        @asynccontextmanager
+        async def redis_client() -> AsyncIterator[aioredis.Redis]:
+            client = aioredis.from_url(redis_url)
+            try:
+                yield client
+            finally:
+                await client.aclose()
+
+        app = FastAPI()
+
+        @app.post("/cache/{key}")
+        async def set_cache(key: str, value: str, r: Any = Depends(redis_client)) -> dict[str, str]:
+            await r.set(key, value, ex=3600)
+            return {"msg": "cached"}
+
+        async with uvicorn_serving(app) as base, httpx.AsyncClient(base_url=base) as client:
+            response = await client.post("/cache/k", params={"value": "v"})
+        assert response.status_code == 500
