@@ -1,0 +1,46 @@
+"""The README's examples run: each python block is executed, in order, in one namespace."""
+
+# No "from __future__ import annotations": the README's routes need real annotations.
+
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+def readme_blocks() -> list[str]:
+    """The python code blocks of the README, in order."""
+    return BLOCK.findall(README.read_text(encoding="utf-8"))
+
+
+async def run_block(source: str, namespace: dict[str, Any]) -> None:
+    """Execute one block; blocks with top-level await run inside a coroutine."""
+    if re.search(r"^(async with|await) ", source, re.MULTILINE):
+        wrapped = "async def __readme_block__():\n" + textwrap.indent(source, "    ")
+        exec(compile(wrapped, str(README), "exec"), namespace)  # noqa: S102 - our own README
+        await namespace.pop("__readme_block__")()
+    else:
+        exec(compile(source, str(README), "exec"), namespace)  # noqa: S102 - our own README
+
+
+@pytest.mark.anyio
+async def test_the_readme_examples_run(pg_dsn: str) -> None:
+    """Every block runs, and the example app answers a request on the real PostgreSQL."""
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    blocks = readme_blocks()
+    assert blocks, "the README has python examples"
+    for source in blocks:
+        await run_block(source.replace("postgresql://postgres@127.0.0.1:5432/test", pg_dsn), namespace)
+    app = namespace["app"]
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://readme") as client:
+            response = await client.get("/users/7")
+    assert response.json() == {"id": 7}
