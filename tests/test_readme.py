@@ -36,8 +36,8 @@ async def test_the_readme_examples_run(pg_dsn: str) -> None:
     namespace: dict[str, Any] = {"__name__": "readme"}
     blocks = readme_blocks()
     assert blocks, "the README has python examples"
-    for source in blocks:
-        await run_block(source.replace("postgresql://postgres@127.0.0.1:5432/test", pg_dsn), namespace)
+    for block in blocks:
+        await run_block(block.replace("postgresql://postgres@127.0.0.1:5432/test", pg_dsn), namespace)
     app = namespace["app"]
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(manager.app)

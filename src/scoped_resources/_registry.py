@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 from ._plan import Plan, compile_plan, recipe_for
 from ._resource import Level, ReleaseWhen, Resource
 from ._scope import AppScope, Scope
-from .exceptions import ResourceMisuse, ScopeClosed
+from .exceptions import ResourceMisuse, ScopeClosed, ScopeViolation
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -294,6 +294,10 @@ class Resources:
                 "override it on the registry that declared it",
             )
         if isinstance(value, Resource):
+            if value.level > resource.level:
+                raise ScopeViolation(
+                    resource.name, resource.scope, value.name, "request (shorter-lived)"
+                )
             replacement: Resource[Any] = value
         else:
             made = factory if factory is not None else _constant(value)

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -43,6 +44,15 @@ _LEASE_STATES = ("acquiring", "held", "releasing", "released", "terminated", "fa
 # Scope states.
 OPEN, CLOSING, CLOSED = range(3)
 _SCOPE_STATES = ("open", "closing", "closed")
+
+
+#: Every app scope open now, in this process (for leak checks).
+_OPEN_APP_SCOPES: weakref.WeakSet[AppScope] = weakref.WeakSet()
+
+
+def open_app_scopes() -> tuple[AppScope, ...]:
+    """The app scopes open now in this process."""
+    return tuple(_OPEN_APP_SCOPES)
 
 
 class Lease:
@@ -157,8 +167,13 @@ class Scope:
         if self._state != OPEN:
             raise ScopeClosed(self.name, self.state, resource.name)
         if lease is None:
-            if resource.level < self.level:
-                raise ScopeClosed(self.name, "not the owner of app resources", resource.name)
+            if resource.level > self.level:
+                raise ResourceMisuse(
+                    resource.name,
+                    f"it is request-scoped but was asked for from scope {self.name!r}, "
+                    "which outlives requests",
+                    "ask a request scope for it (resources.scope() or app_scope.child())",
+                )
             return await self._acquire(resource)  # type: ignore[no-any-return]
         if lease.state == ACQUIRING:
             # Another task is acquiring it: share its result.
@@ -302,6 +317,7 @@ class AppScope(Scope):
         await self._tg.__aenter__()
         try:
             await self._open_all()
+            _OPEN_APP_SCOPES.add(self)
         except BaseException:
             self._tg.cancel_scope.cancel()
             self._state = CLOSED
@@ -422,6 +438,7 @@ class AppScope(Scope):
             suppressed, errors, interrupt = await self._close_slots(exc)
         finally:
             self._state = CLOSED
+            _OPEN_APP_SCOPES.discard(self)
         tg, self._tg = self._tg, None
         if tg is not None:
             await tg.__aexit__(None, None, None)

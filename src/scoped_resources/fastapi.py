@@ -77,6 +77,9 @@ def _make_getter(resource: Resource[Any]) -> Callable[..., Any]:
     if resource.level is Level.APP:
 
         async def get_app_resource(request: Request) -> Any:
+            # App resources lend per command (a Redis or HTTP pool): their
+            # ResourceBusy surfaces in the endpoint, and becomes 503 here.
+            request.scope[_FUNCTION_STACK].push_async_exit(_busy_to_503)
             if resource._override is not None:
                 return await _app_scope(request, key, registry).get(resource._override)
             lease = _app_scope(request, key, registry)._cache.get(resource)
@@ -91,16 +94,12 @@ def _make_getter(resource: Resource[Any]) -> Callable[..., Any]:
         # A default, not Annotated: FastAPI resolves string annotations from module
         # globals, and `scopes` is local to this function.
         async def get_request_resource(
-            scope: Scope = params.Depends(scopes),  # type: ignore[assignment]  # noqa: B008
+            scope: Scope = params.Depends(scopes),  # type: ignore[assignment]
         ) -> Any:
             try:
                 return await scope.get(resource)
             except ResourceBusy as busy:
-                raise HTTPException(
-                    status_code=503,
-                    detail=str(busy),
-                    headers={"Retry-After": f"{max(1, round(busy.retry_after))}"},
-                ) from busy
+                raise _busy_http(busy) from busy
 
         getter = get_request_resource
     getter.__qualname__ = getter.__name__ = f"use_{name}"
@@ -177,7 +176,27 @@ class _RequestExit:
             ) from failed
         if outcome is not None and outcome is not exc:
             raise outcome
+        if isinstance(exc, ResourceBusy):
+            raise _busy_http(exc) from exc
         return False
+
+
+def _busy_http(busy: ResourceBusy) -> HTTPException:
+    return HTTPException(
+        status_code=503,
+        detail=str(busy),
+        headers={"Retry-After": f"{max(1, round(busy.retry_after))}"},
+    )
+
+
+async def _busy_to_503(
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> bool:
+    if isinstance(exc, ResourceBusy):
+        raise _busy_http(exc) from exc
+    return False
 
 
 def _background_misuse(scope: Scope, background: BackgroundTasks) -> BaseException | None:

@@ -257,3 +257,14 @@ class TestOverrides:
         with pytest.raises(RuntimeError), resources.override(conn, "fake"):
             raise RuntimeError
         assert conn._override is None
+
+    async def test_a_shorter_lived_replacement_is_refused(self) -> None:
+        """An app resource cannot be replaced by a request resource."""
+        from scoped_resources.exceptions import ScopeViolation
+
+        resources = Resources()
+        journal = Journal()
+        pool = generator_resource(resources, journal, "pool", scope="app")
+        conn = generator_resource(resources, journal, "conn")
+        with pytest.raises(ScopeViolation, match="'pool'.*'conn'"), resources.override(pool, conn):
+            pass

@@ -447,3 +447,50 @@ class TestNoPerRequestPlanning:
             for _ in range(3):
                 assert (await client.get("/")).json() == "pool/conn"
             monkeypatch.undo()
+
+
+class TestBusyInsideTheEndpoint:
+    """A ResourceBusy raised while the endpoint uses a resource is a 503 too."""
+
+    async def test_busy_from_an_app_resource_in_the_endpoint_answers_503(self) -> None:
+        """A per-command pool running dry inside the route answers 503, not 500."""
+        from scoped_resources.exceptions import ResourceBusy
+
+        resources = Resources()
+
+        class Client:
+            async def get(self) -> str:
+                raise ResourceBusy("redis.client", 0.2)
+
+        @resources.app
+        def client() -> Client:
+            return Client()
+
+        app = FastAPI(lifespan=resources.lifespan)
+
+        @app.get("/")
+        async def endpoint(c: Annotated[Client, Use(client)]) -> str:
+            return await c.get()
+
+        async with serve(app) as http:
+            response = await http.get("/")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+
+    async def test_busy_in_the_endpoint_rolls_back_request_resources(self) -> None:
+        """The request's transaction sees the ResourceBusy as its outcome."""
+        from scoped_resources.exceptions import ResourceBusy
+
+        journal = Journal()
+        resources = Resources()
+        tx = generator_resource(resources, journal, "tx")
+        app = FastAPI(lifespan=resources.lifespan)
+
+        @app.get("/")
+        async def endpoint(t: Annotated[str, Use(tx)]) -> str:
+            raise ResourceBusy("http.client", 1.0)
+
+        async with serve(app) as http:
+            response = await http.get("/")
+        assert response.status_code == 503
+        assert journal.events == ["acquire tx", "release tx after ResourceBusy"]

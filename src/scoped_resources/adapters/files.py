@@ -40,7 +40,7 @@ __all__ = ["FileHandles", "Files", "UnsafePath", "Upload", "UploadTooLarge", "Up
 _TEMP_SUFFIX = ".part"
 
 
-class UnsafePath(ValueError):  # noqa: N818 - the name reads as the problem
+class UnsafePath(ValueError):
     """Raised when a requested path could reach outside the base directory."""
 
     def __init__(self, path: str, problem: str) -> None:
@@ -49,7 +49,7 @@ class UnsafePath(ValueError):  # noqa: N818 - the name reads as the problem
         super().__init__(f"unsafe path {path!r}: {problem}")
 
 
-class UploadTooLarge(ValueError):  # noqa: N818 - the name reads as the problem
+class UploadTooLarge(ValueError):
     """Raised when an upload grows past its size limit."""
 
     def __init__(self, path: str, limit: int) -> None:

@@ -12,9 +12,11 @@ bounded concurrency               at most *max_connections* requests in flight; 
 cancel-safe slots                 slots are counted by the adapter, not by httpcore:
                                   httpcore 1.0.9 loses a pool slot for good when a
                                   request is cancelled right after a connection was
-                                  assigned to it (httpcore #785, #1093); the adapter
-                                  gives httpcore no limit of its own and prunes such
-                                  orphaned connections
+                                  assigned to it while it waited in httpcore's queue
+                                  (httpcore #785, #1093); the adapter admits at most
+                                  *max_connections* requests, so none ever waits in
+                                  that queue, gives httpcore no limit of its own, and
+                                  prunes any orphaned connection as a backstop
 bodies are always closed          a slot is held until the response body is closed;
                                   :meth:`HTTP.stream` closes it, shielded and bounded,
                                   even when the caller is cancelled

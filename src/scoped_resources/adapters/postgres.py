@@ -133,7 +133,7 @@ class Postgres:
                 max_size=self.max_size,
                 **self._connect_kwargs,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised without secrets
             raise self._scrubbed(exc) from None
         try:
             yield pool
@@ -149,7 +149,7 @@ class Postgres:
             return await pool.acquire(timeout=self.acquire_timeout)
         except TimeoutError:
             raise ResourceBusy(f"{self.name}.connection", self.acquire_timeout) from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised without secrets
             raise self._scrubbed(exc) from None
 
     async def _ping(self, pool: Any) -> None:
@@ -172,15 +172,11 @@ class Postgres:
 
 
 def _secrets(dsn: str, password: object) -> tuple[str, ...]:
-    found: list[str] = []
     try:
         from_dsn = urlsplit(dsn).password
     except ValueError:
         from_dsn = None
-    for secret in (from_dsn, password):
-        if isinstance(secret, str) and secret:
-            found.append(secret)
-    return tuple(found)
+    return tuple(s for s in (from_dsn, password) if isinstance(s, str) and s)
 
 
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:

@@ -82,6 +82,12 @@ class ChannelPool:
         try:
             with anyio.fail_after(self.acquire_timeout):
                 await self._slots.acquire()
+                try:
+                    # While the robust connection reconnects, wait (within the deadline).
+                    await self._connection.ready()
+                except BaseException:
+                    self._slots.release()
+                    raise
         except TimeoutError:
             raise ResourceBusy(self.name, self.acquire_timeout or 0.0) from None
         try:
@@ -167,7 +173,7 @@ class RabbitMQ:
         connection = self.connection
 
         async def channel_pool(
-            conn: AbstractRobustConnection = Use(connection),  # noqa: B008 - names the dependency
+            conn: AbstractRobustConnection = Use(connection),
         ) -> AsyncIterator[ChannelPool]:
             pool = ChannelPool(
                 conn,
@@ -188,7 +194,7 @@ class RabbitMQ:
         pool_resource = self.channels
 
         async def channel(
-            pool: ChannelPool = Use(pool_resource),  # noqa: B008 - names the dependency
+            pool: ChannelPool = Use(pool_resource),
         ) -> AsyncIterator[AbstractChannel]:
             lent = await pool.acquire()
             try:

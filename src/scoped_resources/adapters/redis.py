@@ -151,7 +151,7 @@ class Redis:
             await pipe.reset()  # type: ignore[no-untyped-call]
 
         async def pipeline(
-            r: redis.asyncio.Redis = Use(client),  # noqa: B008 - the marker names the dependency
+            r: redis.asyncio.Redis = Use(client),
         ) -> AsyncIterator[Pipeline]:
             pipe = r.pipeline(transaction=transaction)
             try:
@@ -169,7 +169,7 @@ class Redis:
                 )
 
         async def pubsub(
-            r: redis.asyncio.Redis = Use(client),  # noqa: B008 - the marker names the dependency
+            r: redis.asyncio.Redis = Use(client),
         ) -> AsyncIterator[PubSub]:
             ps = r.pubsub()
             try:

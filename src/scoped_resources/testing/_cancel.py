@@ -14,10 +14,10 @@ from typing import Any
 
 import anyio
 
-__all__ = ["CancelledAt", "cancel_at_each_await", "count_await_points"]
+__all__ = ["CancelledAtError", "cancel_at_each_await", "count_await_points"]
 
 
-class CancelledAt(Exception):
+class CancelledAtError(Exception):
     """Raised when a run cancelled at an await point failed with another error.
 
     ``point`` is the 1-based await point the cancellation was requested at;
@@ -87,7 +87,7 @@ async def cancel_at_each_await(
     returns how many await points that full run passed. After each cancelled run
     ``after_each(n)`` is called (sync or async): check your invariants there (no
     lease left, no row half-written). A run that raises anything but the
-    cancellation is reported as :class:`CancelledAt` naming the point. A run that
+    cancellation is reported as :class:`CancelledAtError` naming the point. A run that
     swallows the cancellation and returns is accepted: the cancel scope records it.
     Raises ``RuntimeError`` past *limit* points (a coroutine that never ends).
     """
@@ -99,7 +99,7 @@ async def cancel_at_each_await(
             except anyio.get_cancelled_exc_class():
                 raise
             except Exception as exc:
-                raise CancelledAt(point, exc) from exc
+                raise CancelledAtError(point, exc) from exc
         if counted.points < point:
             # It finished before reaching the point: every point was tried.
             return counted.points

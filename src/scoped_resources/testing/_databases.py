@@ -38,8 +38,8 @@ __all__ = [
     "SharedPool",
     "TempPostgres",
     "apply_sql_migrations",
-    "create_postgres_database",
     "copy_sqlite_database",
+    "create_postgres_database",
     "create_sqlite_database",
     "drop_postgres_database",
     "list_postgres_databases",
@@ -201,6 +201,11 @@ async def postgres_rollback(dsn: str) -> AsyncIterator[Any]:
             await conn.close()
 
 
+_DELEGATED = frozenset(
+    {"execute", "executemany", "fetch", "fetchrow", "fetchval", "copy_records_to_table"}
+)
+
+
 class SharedPool:
     """Stands in for an ``asyncpg.Pool``: every acquire lends the one test connection.
 
@@ -217,18 +222,18 @@ class SharedPool:
         async with self._lock:
             yield self.conn
 
-    def acquire(self, *, timeout: float | None = None) -> _Acquire:  # noqa: ARG002
+    def acquire(self, **_options: Any) -> _Acquire:
         """Lend the connection: ``async with pool.acquire() as conn`` or ``await``."""
         return _Acquire(self)
 
-    async def release(self, conn: Any, *, timeout: float | None = None) -> None:  # noqa: ARG002
+    async def release(self, conn: Any, **_options: Any) -> None:
         """Give back a connection taken with ``await pool.acquire()``."""
         if conn is not self.conn:
             raise ValueError("this connection was not lent by this pool")
         self._lock.release()
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("execute", "executemany", "fetch", "fetchrow", "fetchval", "copy_records_to_table"):
+        if name in _DELEGATED:
             method = getattr(self.conn, name)
 
             async def locked(*args: Any, **kwargs: Any) -> Any:
@@ -256,8 +261,8 @@ class _Acquire:
         return await self._cm.__aenter__()
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._cm is not None
-        await self._cm.__aexit__(None, None, None)
+        if self._cm is not None:
+            await self._cm.__aexit__(None, None, None)
 
 
 @contextmanager

@@ -65,7 +65,7 @@ class TcpProxy:
         """Accept and forward connections again."""
         self._refusing = False
 
-    async def _serve(self, listener: anyio.abc.SocketListener) -> None:
+    async def _serve(self, listener: anyio.abc.Listener[SocketStream]) -> None:
         async with listener:
             await listener.serve(self._handle)
 
