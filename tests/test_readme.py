@@ -12,6 +12,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+README_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
@@ -37,7 +38,7 @@ async def test_the_readme_examples_run(pg_dsn: str) -> None:
     blocks = readme_blocks()
     assert blocks, "the README has python examples"
     for block in blocks:
-        await run_block(block.replace("postgresql://postgres@127.0.0.1:5432/test", pg_dsn), namespace)
+        await run_block(block.replace(README_DSN, pg_dsn), namespace)
     app = namespace["app"]
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(manager.app)
