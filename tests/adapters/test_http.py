@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from scoped_resources import Resources, Use
-from scoped_resources.adapters.http import HTTP, SlotTransport, busy_handler
+from scoped_resources.adapters.http import HTTP, SlotTransport
 from scoped_resources.exceptions import ResourceBusy
 from scoped_resources.testing import TcpProxy
 
@@ -141,7 +141,6 @@ class TestAcquireTimeout:
         resources = Resources("t")
         http = HTTP(resources, max_connections=1, acquire_timeout=0.2)
         app = FastAPI(lifespan=resources.lifespan)
-        app.add_exception_handler(ResourceBusy, busy_handler)
         url = f"http://127.0.0.1:{upstream.port}"
 
         @app.get("/proxy")

@@ -16,7 +16,7 @@ from redis.asyncio.client import Pipeline, PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from scoped_resources import Resources, Use
-from scoped_resources.adapters.redis import Redis, UnexecutedPipelineError, busy_handler
+from scoped_resources.adapters.redis import Redis, UnexecutedPipelineError
 from scoped_resources.exceptions import ReleaseFailed, ResourceBusy
 from scoped_resources.testing import TcpProxy
 
@@ -38,9 +38,7 @@ async def prefix(redis_url: str) -> AsyncIterator[str]:
 
 
 def _app(resources: Resources) -> FastAPI:
-    app = FastAPI(lifespan=resources.lifespan)
-    app.add_exception_handler(ResourceBusy, busy_handler)
-    return app
+    return FastAPI(lifespan=resources.lifespan)
 
 
 @asynccontextmanager

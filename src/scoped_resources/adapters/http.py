@@ -46,7 +46,7 @@ from .._resource import Resource
 from ..exceptions import ResourceBusy
 from ._common import redact
 
-__all__ = ["HTTP", "SlotTransport", "busy_handler"]
+__all__ = ["HTTP", "SlotTransport"]
 
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
@@ -216,13 +216,3 @@ async def _terminate(client: httpx.AsyncClient) -> None:
         with anyio.move_on_after(1.0, shield=True):
             await transport.inner.aclose()
 
-
-async def busy_handler(request: Any, exc: Exception) -> Any:
-    """A FastAPI exception handler: ResourceBusy raised in a route becomes 503 + Retry-After.
-
-    Register it with ``app.add_exception_handler(ResourceBusy, busy_handler)``.
-    """
-    from ..fastapi import problem_response
-
-    retry = getattr(exc, "retry_after", 1.0)
-    return problem_response(503, str(exc), {"Retry-After": f"{max(1, round(retry))}"})

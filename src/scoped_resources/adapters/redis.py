@@ -33,10 +33,8 @@ client belongs in the app scope, not in every request::
     async def set_cache(key: str, value: str, r: Annotated[redis.asyncio.Redis, Use(cache.client)]):
         await r.set(key, value, ex=3600)
 
-A pool exhausted inside a route raises ``ResourceBusy``; answer it with 503::
-
-    from scoped_resources.adapters.redis import busy_handler
-    app.add_exception_handler(ResourceBusy, busy_handler)
+A pool exhausted inside a route raises ``ResourceBusy``, which the FastAPI
+integration answers with 503 and ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ from ..exceptions import ResourceBusy
 from ..fastapi import Use
 from ._common import bounded, redact
 
-__all__ = ["BusyAwarePool", "Redis", "UnexecutedPipelineError", "busy_handler"]
+__all__ = ["BusyAwarePool", "Redis", "UnexecutedPipelineError"]
 
 
 class UnexecutedPipelineError(RuntimeError):
@@ -220,15 +218,3 @@ async def _close_pubsub_connection(ps: PubSub) -> None:
     if ps.connection is not None:
         await ps.connection.disconnect()
 
-
-async def busy_handler(request: Any, exc: Exception) -> Any:
-    """A FastAPI exception handler: ResourceBusy raised in a route becomes 503 + Retry-After.
-
-    The core answers 503 for a lease that cannot be acquired; a pool exhausted by a
-    command *inside* the route raises in the route, so register this handler:
-    ``app.add_exception_handler(ResourceBusy, busy_handler)``.
-    """
-    from ..fastapi import problem_response
-
-    retry = getattr(exc, "retry_after", 1.0)
-    return problem_response(503, str(exc), {"Retry-After": f"{max(1, round(retry))}"})
