@@ -44,7 +44,24 @@ def test_exception_names_are_pinned() -> None:
 
 def test_fastapi_module_names_are_pinned() -> None:
     """The FastAPI integration exports exactly these names."""
-    assert sorted(scoped_resources.fastapi.__all__) == ["Use", "lifespan", "problem_response"]
+    assert sorted(scoped_resources.fastapi.__all__) == [
+        "Use",
+        "health_routes",
+        "lifespan",
+        "problem_response",
+        "run_to_completion",
+    ]
+
+
+def test_metrics_module_names_are_pinned() -> None:
+    """The metrics module exports exactly these names."""
+    import scoped_resources.metrics
+
+    assert sorted(scoped_resources.metrics.__all__) == [
+        "Observer",
+        "OpenTelemetryMetrics",
+        "PrometheusMetrics",
+    ]
 
 
 def test_every_exported_name_exists() -> None:

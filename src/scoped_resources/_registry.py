@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
+from ._observe import Observer, combine
 from ._plan import Plan, compile_plan, recipe_for
 from ._resource import Level, ReleaseWhen, Resource
 from ._scope import AppScope, Scope
@@ -59,7 +60,12 @@ class Resources:
     *acquire_timeout* and *release_timeout* are the defaults for every resource
     that does not set its own; *startup_timeout* is the default acquire deadline
     of app resources; *drain_timeout* bounds how long shutdown waits for open
-    request scopes before closing app resources.
+    request scopes before closing app resources. *observers* receive every acquire
+    and release (see :mod:`scoped_resources.metrics`); *debug* records where each
+    lease was acquired, for leak reports; *leak_after* is when a held lease is
+    reported. In FastAPI, *cancel_on_disconnect* cancels a route's work (and
+    releases its resources) when its client goes away, and *request_timeout*
+    bounds each request that uses resources.
     """
 
     def __init__(
@@ -70,8 +76,23 @@ class Resources:
         release_timeout: float | None = 10.0,
         startup_timeout: float | None = 30.0,
         drain_timeout: float | None = 30.0,
+        observers: Sequence[Observer] = (),
+        debug: bool = False,
+        cancel_on_disconnect: bool = True,
+        request_timeout: float | None = None,
+        leak_after: float | None = 60.0,
     ) -> None:
         self.name = name
+        #: Receives every acquire and release (metrics, traces); none costs nothing.
+        self.observers = list(observers)
+        #: Record where each lease was acquired, for leak reports.
+        self.debug = debug
+        #: Cancel a route's work when its client disconnects (see run_to_completion).
+        self.cancel_on_disconnect = cancel_on_disconnect
+        #: Bound every request that uses resources (HTTP 503 past it).
+        self.request_timeout = request_timeout
+        #: Report a lease held longer than this many seconds (None: never).
+        self.leak_after = leak_after
         self.acquire_timeout = acquire_timeout
         self.release_timeout = release_timeout
         self.startup_timeout = startup_timeout
@@ -339,7 +360,14 @@ class Resources:
         Used by the lifespan; use it directly for a CLI command or a worker.
         """
         plan = self.plan(context_types)
-        app_scope = AppScope(self.name, plan, self.drain_timeout)
+        app_scope = AppScope(
+            self.name,
+            plan,
+            self.drain_timeout,
+            observer=combine(self.observers),
+            debug=self.debug,
+            leak_after=self.leak_after,
+        )
         async with app_scope:
             self._open.append(app_scope)
             try:

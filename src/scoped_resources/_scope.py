@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 import time
+import traceback
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import anyio
 
 from ._guard import DeadlineExpired, guarded
+from ._observe import Observer
 from ._plan import Plan, Recipe
 from ._resource import Kind, Level, Resource
 from .exceptions import (
@@ -58,7 +60,7 @@ def open_app_scopes() -> tuple[AppScope, ...]:
 class Lease:
     """One live instance of a resource in a scope."""
 
-    __slots__ = ("acquired_at", "error", "exit", "resource", "state", "value", "waiters")
+    __slots__ = ("acquired_at", "error", "exit", "resource", "site", "state", "value", "waiters")
 
     def __init__(self, resource: Resource[Any]) -> None:
         self.resource = resource
@@ -68,6 +70,8 @@ class Lease:
         self.error: BaseException | None = None
         self.waiters: anyio.Event | None = None
         self.acquired_at = 0.0
+        #: Where it was acquired (debug mode only): the innermost frames of the stack.
+        self.site: list[traceback.FrameSummary] | None = None
 
     @property
     def state_name(self) -> str:
@@ -126,6 +130,20 @@ class Scope:
 
     def __repr__(self) -> str:
         return f"<Scope {self.name!r} {self.state} leases={len(self._leases)}>"
+
+    def describe(self) -> str:
+        """The scope's name, with the route it serves when it serves one."""
+        scope: Scope | None = self
+        while scope is not None:
+            context = scope._context
+            if context:
+                for value in context.values():
+                    route = getattr(value, "scope", {}).get("route")
+                    method = getattr(value, "method", None)
+                    if route is not None and method is not None:
+                        return f"scope {self.name!r} ({method} {route.path})"
+            scope = scope.parent
+        return f"scope {self.name!r}"
 
     def __del__(self) -> None:
         if self._state != CLOSED and self._leases:
@@ -202,13 +220,14 @@ class Scope:
                 kwargs[pname] = await self.get(dep)
             for pname, typ in recipe.context:
                 kwargs[pname] = self._context_value(resource, pname, typ)
-            if resource.acquire_timeout is None:
-                await _enter(lease, kwargs)
+            root = self._root
+            observer = root._observer if root is not None else None
+            if observer is None:
+                await _enter_bounded(lease, kwargs)
             else:
-                try:
-                    await guarded(_enter(lease, kwargs), resource.acquire_timeout, shield=False)
-                except DeadlineExpired:
-                    raise ResourceBusy(resource.name, resource.acquire_timeout) from None
+                await _enter_observed(lease, kwargs, observer)
+            if root is not None and root._debug:
+                lease.site = traceback.extract_stack(limit=12)[:-1]
         except BaseException as exc:
             lease.state = FAILED
             lease.error = exc
@@ -263,7 +282,8 @@ class Scope:
             return False
         self._state = CLOSING
         try:
-            suppressed, errors, interrupt = await _release_all(self._leases, exc)
+            observer = self._root._observer if self._root is not None else None
+            suppressed, errors, interrupt = await _release_all(self._leases, exc, observer)
         finally:
             self._state = CLOSED
             self._cache.clear()
@@ -275,10 +295,25 @@ class Scope:
 class AppScope(Scope):
     """The app's scope: opens app resources at start-up and closes them at shutdown."""
 
-    __slots__ = ("_children", "_drain_timeout", "_drained", "_failed", "_plan", "_slots", "_tg")
+    __slots__ = ("_children", "_debug", "_drain_timeout", "_drained", "_failed",
+                 "_leak_after", "_observer", "_plan", "_reported", "_slots", "_tg", "_watcher")
 
-    def __init__(self, name: str, plan: Plan, drain_timeout: float | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        plan: Plan,
+        drain_timeout: float | None,
+        *,
+        observer: Observer | None = None,
+        debug: bool = False,
+        leak_after: float | None = None,
+    ) -> None:
         super().__init__(name, Level.APP, None)
+        self._observer = observer
+        self._debug = debug
+        self._leak_after = leak_after
+        self._reported: dict[int, Lease] = {}
+        self._watcher: anyio.CancelScope | None = None
         self._root = self
         self._plan = plan
         self._children: set[Scope] = set()
@@ -318,6 +353,9 @@ class AppScope(Scope):
         try:
             await self._open_all()
             _OPEN_APP_SCOPES.add(self)
+            if self._leak_after is not None:
+                self._watcher = anyio.CancelScope()
+                self._tg.start_soon(self._watch_leaks, self._watcher, self._leak_after)
         except BaseException:
             self._tg.cancel_scope.cancel()
             self._state = CLOSED
@@ -362,7 +400,14 @@ class AppScope(Scope):
                 kwargs = dict(res._compiled.values)
                 for pname, dep_res in res._compiled.deps:
                     kwargs[pname] = await self.get(dep_res)
-                await guarded(_enter(lease, kwargs), res.acquire_timeout, shield=False)
+                if self._observer is None:
+                    await guarded(_enter(lease, kwargs), res.acquire_timeout, shield=False)
+                else:
+                    await guarded(
+                        _enter_observed(lease, kwargs, self._observer),
+                        res.acquire_timeout,
+                        shield=False,
+                    )
                 entered = True
         except Exception as exc:  # noqa: BLE001 - reported through the slot
             self._fail(slot, exc)
@@ -377,7 +422,7 @@ class AppScope(Scope):
         slot.lease = lease
         slot.opened.set()
         await slot.stop.wait()
-        slot.result = await _release_all([lease], slot.outcome)
+        slot.result = await _release_all([lease], slot.outcome, self._observer)
         slot.done.set()
 
     def _fail(self, slot: _Slot, exc: Exception) -> None:
@@ -398,7 +443,7 @@ class AppScope(Scope):
         for lease in reversed(self._leases):
             slot = self._slots.get(lease.resource)
             if slot is None:  # an override acquired after start-up, held by this task
-                s, errs, intr = await _release_all([lease], exc)
+                s, errs, intr = await _release_all([lease], exc, self._observer)
                 suppressed = suppressed or s
                 errors.extend(errs)
                 interrupt = interrupt or intr
@@ -413,6 +458,40 @@ class AppScope(Scope):
             interrupt = interrupt or intr
         self._cache.clear()
         return suppressed, errors, interrupt
+
+    @property
+    def draining(self) -> bool:
+        """True once shutdown began: it waits for open scopes, then closes."""
+        return self._drained is not None or self._state != OPEN
+
+    async def _watch_leaks(self, scope: anyio.CancelScope, after: float) -> None:
+        with scope:
+            while True:
+                await anyio.sleep(max(after / 4, 0.01))
+                self.report_leaks(after)
+
+    def report_leaks(self, after: float) -> list[str]:
+        """Log (once each) the leases held longer than *after* seconds; return the reports."""
+        now = time.monotonic()
+        reports: list[str] = []
+        still_out: dict[int, Lease] = {}
+        for child in tuple(self._children):
+            for lease in child._leases:
+                if lease.state != HELD or now - lease.acquired_at < after:
+                    continue
+                still_out[id(lease)] = lease
+                if id(lease) in self._reported:
+                    continue
+                report = (
+                    f"resource {lease.resource.name!r} has been held for "
+                    f"{now - lease.acquired_at:.1f} s by {child.describe()}"
+                )
+                if lease.site is not None:
+                    report += "; acquired at:\n" + "".join(traceback.format_list(lease.site))
+                logger.warning("%s", report)
+                reports.append(report)
+        self._reported = still_out
+        return reports
 
     async def _drain(self) -> None:
         if not self._children:
@@ -432,6 +511,8 @@ class AppScope(Scope):
     async def aclose(self, exc: BaseException | None = None) -> bool:
         if self._state != OPEN:
             return False
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self._drain()
         self._state = CLOSING
         try:
@@ -532,9 +613,33 @@ async def _enter(lease: Lease, kwargs: dict[str, Any]) -> None:
             "add the missing 'await' where the factory makes its instance",
         )
         if lease.exit is not None:
-            await _release_all([lease], misuse)
+            await _release_all([lease], misuse, None)
         raise misuse
     lease.value = value
+
+
+async def _enter_bounded(lease: Lease, kwargs: dict[str, Any]) -> None:
+    """Enter *lease* within its resource's acquire deadline, else ResourceBusy."""
+    timeout = lease.resource.acquire_timeout
+    if timeout is None:
+        await _enter(lease, kwargs)
+        return
+    try:
+        await guarded(_enter(lease, kwargs), timeout, shield=False)
+    except DeadlineExpired:
+        raise ResourceBusy(lease.resource.name, timeout) from None
+
+
+async def _enter_observed(lease: Lease, kwargs: dict[str, Any], observer: Observer) -> None:
+    res = lease.resource
+    observer.acquire_started(res)
+    started = time.perf_counter()
+    try:
+        await _enter_bounded(lease, kwargs)
+    except BaseException as exc:
+        observer.acquire_failed(res, time.perf_counter() - started, isinstance(exc, ResourceBusy))
+        raise
+    observer.acquired(res, time.perf_counter() - started)
 
 
 async def _release_gen(gen: Any, exc: BaseException | None) -> bool:
@@ -584,7 +689,7 @@ async def _terminate(lease: Lease) -> bool:
 
 
 async def _release_all(
-    leases: list[Lease], exc: BaseException | None
+    leases: list[Lease], exc: BaseException | None, observer: Observer | None
 ) -> tuple[bool, list[Exception], BaseException | None]:
     """Release *leases* in reverse order; never raises.
 
@@ -592,7 +697,7 @@ async def _release_all(
     each release's own; a release that overruns it, or that a native cancel
     interrupts, is terminated and the rest go on under a fresh scope.
     """
-    run = _ReleaseRun(exc)
+    run = _ReleaseRun(exc, observer)
     todo = [lease for lease in reversed(leases) if lease.exit is not None]
     for lease in leases:
         if lease.exit is None:
@@ -604,7 +709,8 @@ async def _release_all(
         if stopped is not None:
             run.stopped = None
             with anyio.CancelScope(shield=True):
-                await _terminate(stopped)
+                if await _terminate(stopped) and observer is not None:
+                    observer.terminated(stopped.resource)
     return run.suppressed, run.errors, run.interrupt
 
 
@@ -616,10 +722,13 @@ def _deadline(lease: Lease) -> float:
 class _ReleaseRun:
     """The running state of one _release_all call."""
 
-    __slots__ = ("errors", "exc", "index", "interrupt", "stopped", "suppressed")
+    __slots__ = ("errors", "exc", "index", "interrupt", "observer", "started", "stopped",
+                 "suppressed")
 
-    def __init__(self, exc: BaseException | None) -> None:
+    def __init__(self, exc: BaseException | None, observer: Observer | None) -> None:
         self.exc = exc
+        self.observer = observer
+        self.started = 0.0
         self.index = 0
         self.suppressed = False
         self.errors: list[Exception] = []
@@ -638,6 +747,8 @@ class _ReleaseRun:
                 scope.deadline = _deadline(lease)
             first = False
             lease.state = RELEASING
+            if self.observer is not None:
+                self.started = time.perf_counter()
             try:
                 result = await _release_awaitable(lease, exc)
             except Exception as failure:  # noqa: BLE001 - gathered and raised together
@@ -649,6 +760,7 @@ class _ReleaseRun:
                 self.errors.append(failure)
                 self.stopped = lease
                 lease.state = FAILED
+                self._observe(lease, "failed")
                 return
             except BaseException as stop:
                 if scope.cancel_called:  # our own deadline: let the scope swallow it
@@ -661,8 +773,14 @@ class _ReleaseRun:
                 self._timed_out(lease)
                 return
             lease.state = RELEASED
+            if self.observer is not None:
+                self._observe(lease, "ok")
             if result and exc is not None:
                 self._suppress(res)
+
+    def _observe(self, lease: Lease, outcome: str) -> None:
+        if self.observer is not None:
+            self.observer.released(lease.resource, time.perf_counter() - self.started, outcome)
 
     def _timed_out(self, lease: Lease) -> None:
         res = lease.resource
@@ -671,11 +789,13 @@ class _ReleaseRun:
         self.errors.append(err)
         self.stopped = lease
         lease.state = FAILED
+        self._observe(lease, "timeout")
 
     def _interrupted(self, lease: Lease, stop: BaseException) -> None:
         self.interrupt = self.interrupt or stop
         self.stopped = lease
         lease.state = FAILED
+        self._observe(lease, "interrupted")
         logger.error(
             "release of resource %r was interrupted by %s; terminating it",
             lease.resource.name,

@@ -16,14 +16,19 @@ How a request is served (chosen for cost and for commit-before-respond):
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from http import HTTPStatus
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastapi import BackgroundTasks, HTTPException, Request, params
+import anyio
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, params
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.routing import Mount
 
@@ -36,7 +41,9 @@ if TYPE_CHECKING:
 
     from ._registry import Resources
 
-__all__ = ["Use", "lifespan", "problem_response"]
+__all__ = ["Use", "health_routes", "lifespan", "problem_response", "run_to_completion"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 logger = logging.getLogger("scoped_resources")
 
@@ -139,7 +146,9 @@ def _request_dependency(registry: Resources) -> Callable[..., Any]:
         outer = app_scope._child("request", Level.RESPONSE, app_scope, {Request: request})
         inner = app_scope._child("request", Level.REQUEST, outer, None)
         request_stack.push_async_exit(outer.__aexit__)
-        function_stack.push_async_exit(_RequestExit(inner, background_tasks))
+        function_stack.push_async_exit(
+            _RequestExit(inner, background_tasks, _Watch.start(request, registry))
+        )
         return inner
 
     request_scope.__qualname__ = request_scope.__name__ = f"{registry.name}_request_scope"
@@ -147,14 +156,108 @@ def _request_dependency(registry: Resources) -> Callable[..., Any]:
     return request_scope
 
 
+def run_to_completion(endpoint: _F) -> _F:
+    """Mark a route whose work must finish even when its client disconnects.
+
+    By default a route that uses request resources is cancelled when its client
+    goes away (its resources are released at once, rolling back); a route marked
+    with this decorator runs to its end instead.
+    """
+    endpoint.__scoped_resources_run_to_completion__ = True  # type: ignore[attr-defined]
+    return endpoint
+
+
+_NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+class _Watch:
+    """Cancels the request's task when its client disconnects or its deadline passes.
+
+    The watcher reads the request's ``receive`` only once the body has been read
+    (or there is none), so it never takes body messages from the endpoint. Cost:
+    one task per request (asyncio only), plus one timer when a deadline is set.
+    """
+
+    __slots__ = ("active", "fired", "task", "timeout", "timer", "watcher")
+
+    def __init__(self, task: asyncio.Task[Any], timeout: float | None) -> None:
+        self.task = task
+        self.timeout = timeout
+        self.active = True
+        #: Why the task was cancelled: "disconnect", "deadline", or None.
+        self.fired: str | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def start(cls, request: Request, registry: Resources) -> _Watch | None:
+        watch_disconnect = registry.cancel_on_disconnect and not getattr(
+            request.scope.get("endpoint"), "__scoped_resources_run_to_completion__", False
+        )
+        timeout = registry.request_timeout
+        if not watch_disconnect and timeout is None:
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): nothing to cancel natively
+            return None
+        task = asyncio.current_task()
+        if task is None:
+            return None
+        watch = cls(task, timeout)
+        if watch_disconnect and _body_done(request):
+            watch.watcher = loop.create_task(watch._wait_for_disconnect(request))
+        if timeout is not None:
+            watch.timer = loop.call_later(timeout, watch._fire, "deadline")
+        return watch
+
+    async def _wait_for_disconnect(self, request: Request) -> None:
+        receive = request.receive
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._fire("disconnect")
+                return
+
+    def _fire(self, why: str) -> None:
+        if self.active and self.fired is None:
+            self.fired = why
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self.active = False
+        if self.watcher is not None:
+            self.watcher.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def _body_done(request: Request) -> bool:
+    """True when the request body was read (by FastAPI) or there is none."""
+    if getattr(request, "_stream_consumed", False) or hasattr(request, "_body"):
+        return True
+    headers = request.headers
+    if (
+        request.method in _NO_BODY
+        and "content-length" not in headers
+        and "transfer-encoding" not in headers
+    ):
+        # Record the empty body as Starlette would, so a later request.body() works.
+        request._body = b""
+        request._stream_consumed = True
+        return True
+    return False
+
+
 class _RequestExit:
     """Closes a request scope before the response, turning failures into HTTP errors."""
 
-    __slots__ = ("background", "scope")
+    __slots__ = ("background", "scope", "watch")
 
-    def __init__(self, scope: Scope, background: BackgroundTasks) -> None:
+    def __init__(self, scope: Scope, background: BackgroundTasks, watch: _Watch | None) -> None:
         self.scope = scope
         self.background = background
+        self.watch = watch
 
     async def __call__(
         self,
@@ -162,6 +265,13 @@ class _RequestExit:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        watch = self.watch
+        fired = None
+        if watch is not None:
+            watch.stop()  # from here on nothing cancels the task: releases run in peace
+            fired = watch.fired
+            if fired is not None and isinstance(exc, asyncio.CancelledError):
+                watch.task.uncancel()
         outcome = exc
         if isinstance(exc, HTTPException) and exc.status_code < 400:
             outcome = None
@@ -174,11 +284,24 @@ class _RequestExit:
                 status_code=500,
                 detail=f"the request's work could not be completed: {failed}",
             ) from failed
+        if fired is not None and isinstance(exc, asyncio.CancelledError):
+            raise _cancelled_http(fired, watch.timeout if watch else None) from None
         if outcome is not None and outcome is not exc:
             raise outcome
         if isinstance(exc, ResourceBusy):
             raise _busy_http(exc) from exc
         return False
+
+
+def _cancelled_http(why: str, timeout: float | None) -> HTTPException:
+    if why == "disconnect":
+        # Nobody is listening any more; 499 (client closed request) is for the logs.
+        return HTTPException(status_code=499, detail="the client disconnected")
+    return HTTPException(
+        status_code=503,
+        detail=f"the request did not finish within its {timeout or 0:g} s deadline",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _busy_http(busy: ResourceBusy) -> HTTPException:
@@ -281,19 +404,88 @@ def _check_dependant(dependant: Dependant, route: Any, registry: Resources) -> N
         _check_dependant(sub, route, registry)
 
 
-def problem_response(status: int, detail: str, headers: dict[str, str] | None = None) -> Any:
-    """An ``application/problem+json`` response, as the integration's errors use."""
-    from http import HTTPStatus
-
-    from fastapi.responses import JSONResponse
-
+def problem_response(
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """An ``application/problem+json`` response (RFC 9457) with *detail* and *extra* members."""
     try:
         title = HTTPStatus(status).phrase
     except ValueError:
         title = "Error"
     return JSONResponse(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra},
         status_code=status,
         headers=headers,
         media_type="application/problem+json",
     )
+
+
+class _Readiness:
+    """Pings every app resource at most once per *cache_ttl*, however many probes come."""
+
+    def __init__(self, ping_timeout: float, cache_ttl: float) -> None:
+        self.ping_timeout = ping_timeout
+        self.cache_ttl = cache_ttl
+        self.checked_at = -math.inf
+        self.failing: dict[str, str] = {}
+        self.lock = anyio.Lock()
+
+    async def failures(self, app_scope: AppScope) -> dict[str, str]:
+        async with self.lock:  # one ping round at a time; the others reuse it
+            if anyio.current_time() - self.checked_at >= self.cache_ttl:
+                results = await app_scope.ping(self.ping_timeout)
+                self.failing = {
+                    name: f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                    for name, err in sorted(results.items())
+                    if err is not None
+                }
+                self.checked_at = anyio.current_time()
+            return self.failing
+
+
+def health_routes(
+    resources: Resources,
+    *,
+    ping_timeout: float = 2.0,
+    cache_ttl: float = 1.0,
+    liveness_path: str = "/healthz",
+    readiness_path: str = "/readyz",
+) -> APIRouter:
+    """Liveness and readiness endpoints: ``app.include_router(health_routes(resources))``.
+
+    Liveness answers 200 without I/O. Readiness pings every app resource that has
+    a ping hook, concurrently, each within *ping_timeout*, and caches the answer
+    for *cache_ttl* seconds so a burst of probes cannot overload a database; it
+    answers 503 naming the failing resources, and 503 while the app is starting
+    or draining.
+    """
+    router = APIRouter(tags=["health"])
+    readiness = _Readiness(ping_timeout, cache_ttl)
+    key = resources.state_key
+
+    @router.get(liveness_path, summary="Liveness: the process answers")
+    async def liveness() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get(
+        readiness_path,
+        summary="Readiness: every resource answers its ping",
+        responses={503: {"description": "starting, draining, or a resource is failing"}},
+    )
+    async def readiness_probe(request: Request) -> Any:
+        state = request.scope.get("state")
+        app_scope = state.get(key) if state else None
+        if app_scope is None:
+            return problem_response(503, "starting: the app resources are not open yet")
+        if app_scope.draining:
+            return problem_response(503, "draining: the app is shutting down")
+        failing = await readiness.failures(app_scope)
+        if failing:
+            names = ", ".join(repr(name) for name in failing)
+            return problem_response(503, f"not ready: {names} failed their ping", failing=failing)
+        return {"status": "ready"}
+
+    return router
