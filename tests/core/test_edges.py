@@ -337,3 +337,70 @@ class TestStartupEdges:
             async with resources.open():
                 pass
         assert opened == []
+
+
+class TestMoreEdges:
+    """Paths rarely taken, each with its own precise answer."""
+
+    async def test_several_observers_each_see_every_event(self) -> None:
+        """Two observers both receive the lifecycle."""
+        from scoped_resources.metrics import Observer
+
+        class Counting(Observer):
+            def __init__(self) -> None:
+                self.count = 0
+
+            def acquire_started(self, resource: Any) -> None:
+                self.count += 1
+
+            def acquired(self, resource: Any, seconds: float) -> None:
+                self.count += 1
+
+            def released(self, resource: Any, seconds: float, outcome: str) -> None:
+                self.count += 1
+
+        first, second = Counting(), Counting()
+        resources = Resources(observers=[first, second])
+        journal = Journal()
+        conn = generator_resource(resources, journal, "conn")
+        async with resources.open() as app_scope, app_scope.child() as scope:
+            await scope.get(conn)
+        assert first.count == second.count == 3
+
+    async def test_the_base_observer_ignores_everything(self) -> None:
+        """The Observer base class is a no-op for every hook."""
+        from scoped_resources.metrics import Observer
+
+        resources = Resources(observers=[Observer(), Observer()])
+        journal = Journal()
+        generator_resource(resources, journal, "a", scope="app", fail_release=OSError("x"))
+        with pytest.raises(ReleaseFailed):
+            async with resources.open():
+                pass
+
+    async def test_open_app_scopes_lists_the_open_ones(self) -> None:
+        """The process-wide list of open app scopes follows open and close."""
+        from scoped_resources._scope import open_app_scopes
+
+        resources = Resources()
+        async with resources.open() as app_scope:
+            assert app_scope in open_app_scopes()
+        assert app_scope not in open_app_scopes()
+
+    async def test_an_unresolvable_annotation_is_reported(self) -> None:
+        """An annotation naming something that does not exist fails the plan clearly."""
+        resources = Resources()
+
+        def broken(x: "DoesNotExist") -> int:  # type: ignore[name-defined]  # noqa: F821
+            return 1
+
+        resources.app(broken)
+        with pytest.raises(ResourceMisuse, match="'broken'.*cannot be resolved"):
+            resources.plan()
+
+    async def test_a_builtin_without_a_signature_takes_no_arguments(self) -> None:
+        """A factory whose signature cannot be read is called without arguments."""
+        resources = Resources()
+        made = resources.app(name="dict")(dict)
+        async with resources.open() as app_scope:
+            assert await app_scope.get(made) == {}
