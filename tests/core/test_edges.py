@@ -391,7 +391,7 @@ class TestMoreEdges:
         """An annotation naming something that does not exist fails the plan clearly."""
         resources = Resources()
 
-        def broken(x: "DoesNotExist") -> int:  # type: ignore[name-defined]  # noqa: F821
+        def broken(x: DoesNotExist) -> int:  # type: ignore[name-defined]  # noqa: F821
             return 1
 
         resources.app(broken)
@@ -401,6 +401,6 @@ class TestMoreEdges:
     async def test_a_builtin_without_a_signature_takes_no_arguments(self) -> None:
         """A factory whose signature cannot be read is called without arguments."""
         resources = Resources()
-        made = resources.app(name="dict")(dict)
+        made: Any = resources.app(name="dict")(dict)
         async with resources.open() as app_scope:
             assert await app_scope.get(made) == {}
