@@ -28,52 +28,61 @@ WRITE = "service_write"
 _MIGRATION_LOCK = 0x7376635F6D696772
 
 
-def make_engine(settings: Settings) -> AsyncEngine:
-    """An engine for *settings*' database; SQLite gets its pragmas and locking."""
-    if not settings.is_sqlite:
-        return create_async_engine(
-            settings.database_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=0,
-            pool_timeout=10,
-            pool_pre_ping=False,
-        )
+def engine_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``create_async_engine`` (via the SQLAlchemy adapter)."""
+    options: dict[str, Any] = {"pool_size": settings.db_pool_size}
+    if settings.is_sqlite:
+        options["connect_args"] = {"timeout": 30}
+    return options
+
+
+def make_data_dir(settings: Settings) -> None:
+    """Create the folder of the SQLite file, if the database is one."""
     path = settings.sqlite_path
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(
-        settings.database_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=0,
-        pool_timeout=10,
-        connect_args={"timeout": 30},
-    )
-    sync = engine.sync_engine
 
-    @event.listens_for(sync, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy's "begin" hook emit BEGIN, not the driver.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
 
-    @event.listens_for(sync, "begin")
-    def _on_begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get(WRITE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
+def make_engine(settings: Settings) -> AsyncEngine:
+    """A stand-alone engine for *settings* (for ``python -m service migrate`` and tests)."""
+    make_data_dir(settings)
+    engine = create_async_engine(settings.database_url, max_overflow=0, **engine_options(settings))
+    prepare_engine(engine)
     return engine
+
+
+def prepare_engine(engine: AsyncEngine) -> None:
+    """Give a SQLite engine its pragmas and locking; call before its first connection."""
+    if engine.dialect.name != "sqlite":
+        return
+    sync = engine.sync_engine
+    if event.contains(sync, "connect", _on_connect):
+        return
+    event.listen(sync, "connect", _on_connect)
+    event.listen(sync, "begin", _on_begin)
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" hook emit BEGIN, not the driver.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _on_begin(conn: Connection) -> None:
+    immediate = conn.get_execution_options().get(WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the schema to *revision*; replicas that start together take turns."""
     async with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
-            conn = await conn.execution_options(**{WRITE: True})
+            await conn.execution_options(**{WRITE: True})
         async with conn.begin():
             if engine.dialect.name == "postgresql":
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})

@@ -14,10 +14,11 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from scoped_resources.adapters.files import UnsafePath, UploadTooLarge
-from scoped_resources.exceptions import ResourceBusy
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scoped_resources.adapters.files import UnsafePath, UploadTooLarge
+from scoped_resources.exceptions import ResourceBusy
 
 logger = logging.getLogger("service")
 
@@ -85,9 +86,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         }
         for err in exc.errors()[:_MAX_ERRORS]
     ]
-    detail = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors
-    )
+    detail = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors)
     return problem(422, detail[:2000] or "invalid request", errors=errors)
 
 

@@ -21,9 +21,10 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractExchange
-from scoped_resources.adapters.rabbitmq import ChannelPool
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from scoped_resources.adapters.rabbitmq import ChannelPool
 
 from .database import write_connection
 from .signals import Wakeup

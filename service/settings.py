@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("service-data")
+DEFAULT_DATABASE_URL = f"sqlite+aiosqlite:///{DEFAULT_DATA_DIR / 'service.db'}"
 
 
 class Settings(BaseSettings):
@@ -23,7 +24,7 @@ class Settings(BaseSettings):
     )
 
     database_url: str = Field(
-        default=f"sqlite+aiosqlite:///{DEFAULT_DATA_DIR / 'service.db'}",
+        default=DEFAULT_DATABASE_URL,
         description="postgresql://... (asyncpg) or sqlite:///path; default: embedded SQLite.",
     )
     redis_url: str | None = Field(default=None, description="redis://...; unset: in-process cache.")
@@ -40,6 +41,10 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=1000)
     cache_prefix: str = Field(default="sr:", max_length=64)
     events_exchange: str = Field(default="service.events", min_length=1, max_length=255)
+    outbox_relay: bool = Field(
+        default=True,
+        description="With AMQP_URL: run the outbox relay here (false: another process does).",
+    )
     outbox_poll_seconds: float = Field(default=2.0, gt=0, le=3600)
     upstream_timeout: float = Field(default=5.0, gt=0, le=300)
     ready_timeout: float = Field(default=2.0, gt=0, le=60)
@@ -55,6 +60,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _empty_database_is_default(cls, value: object) -> object:
+        return DEFAULT_DATABASE_URL if value == "" else value
 
     @field_validator("database_url")
     @classmethod

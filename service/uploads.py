@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from fastapi import HTTPException, Request
 from python_multipart.multipart import MultipartParser, parse_options_header
+
 from scoped_resources.adapters.files import Upload, Uploads
 
 from .validation import check_file_name

@@ -52,7 +52,7 @@ async def test_the_readme_examples_run(pg_dsn: str) -> None:
             apps.append(namespace["app"])
     first, pressure = apps
     assert (await call(first, "GET", "/users/7")).json() == {"id": 7}
-    assert (await call(pressure, "GET", "/readyz")).json() == {"status": "ready"}
+    assert (await call(pressure, "GET", "/readyz")).json()["status"] == "ready"
     assert (await call(pressure, "POST", "/payments")).json() == {"status": "paid"}
 
 

@@ -115,6 +115,13 @@ def _recipe(
         if isinstance(base, type) and base in values:
             fixed[pname] = values[base]
         elif isinstance(base, type) and base in ctx:
+            if res.level is Level.APP and getattr(base, "__scoped_app_context__", False) is False:
+                raise ResourceMisuse(
+                    res.name,
+                    f"it is app-scoped but its parameter {pname!r} asks for the request's "
+                    f"{base.__name__}, which does not exist when the app starts",
+                    "declare it with @resources.request",
+                )
             context.append((pname, base))
         elif param.default is not _EMPTY:
             continue

@@ -348,7 +348,7 @@ class Resources:
 
     def plan(self, context_types: Iterable[type] = ()) -> Plan:
         """Compile (once) and return the plan; raises a PlanError if unsound."""
-        ctx = frozenset(context_types)
+        ctx = frozenset(context_types) | {AppScope}
         if self._plan is None or not ctx <= self._plan.context_types:
             self._plan = compile_plan(self._resources.values(), self._values, self, ctx)
         return self._plan

@@ -293,10 +293,29 @@ class Scope:
 
 
 class AppScope(Scope):
-    """The app's scope: opens app resources at start-up and closes them at shutdown."""
+    """The app's scope: opens app resources at start-up and closes them at shutdown.
 
-    __slots__ = ("_children", "_debug", "_drain_timeout", "_drained", "_failed",
-                 "_leak_after", "_observer", "_plan", "_reported", "_slots", "_tg", "_watcher")
+    An app resource may take the app scope itself as a parameter (annotated
+    ``AppScope``), to open child scopes later, from a background task of its own.
+    """
+
+    #: Resources of the app scope may ask for it (it exists when they open).
+    __scoped_app_context__ = True
+
+    __slots__ = (
+        "_children",
+        "_debug",
+        "_drain_timeout",
+        "_drained",
+        "_failed",
+        "_leak_after",
+        "_observer",
+        "_plan",
+        "_reported",
+        "_slots",
+        "_tg",
+        "_watcher",
+    )
 
     def __init__(
         self,
@@ -308,7 +327,7 @@ class AppScope(Scope):
         debug: bool = False,
         leak_after: float | None = None,
     ) -> None:
-        super().__init__(name, Level.APP, None)
+        super().__init__(name, Level.APP, None, {AppScope: self})
         self._observer = observer
         self._debug = debug
         self._leak_after = leak_after
@@ -365,8 +384,15 @@ class AppScope(Scope):
 
     async def _open_all(self) -> None:
         slots = self._slots
-        for res in self._plan.app_order:
-            slot = _Slot(res, [slots[dep] for _, dep in res._compiled.deps])
+        for declared in self._plan.app_order:
+            # An override in force at start-up is opened instead of the original.
+            res = declared._override or declared
+            deps = [
+                slots[dep._override or dep]
+                for _, dep in res._compiled.deps
+                if dep in slots or dep._override in slots
+            ]
+            slot = _Slot(res, deps)
             slots[res] = slot
             self._tg.start_soon(self._hold, slot, name=f"scoped_resources: {res.name}")
         for slot in slots.values():
@@ -388,49 +414,80 @@ class AppScope(Scope):
         raise StartupFailed(failed.resource.name, f"{type(error).__name__}: {error}") from error
 
     async def _hold(self, slot: _Slot) -> None:
+        """Open one app resource, hold it until shutdown, and release it: all in this task.
+
+        One cancel scope spans the resource's whole life, its deadline and shield
+        changed between phases, so that a resource keeping a task group (or any
+        cancel scope) open across its ``yield`` nests properly inside it.
+        """
         res = slot.resource
         lease = Lease(res)
-        entered = False
+        scope = slot.cancel
+        run = _ReleaseRun(None, self._observer)
         try:
-            with slot.cancel:
+            with scope:
                 for dep in slot.deps:
                     await dep.opened.wait()
                     if dep.error is not None:
                         raise StartupFailed(dep.resource.name, "a dependency failed")
-                kwargs = dict(res._compiled.values)
-                for pname, dep_res in res._compiled.deps:
+                recipe: Recipe = res._compiled
+                kwargs = dict(recipe.values)
+                for pname, dep_res in recipe.deps:
                     kwargs[pname] = await self.get(dep_res)
+                for pname, typ in recipe.context:
+                    kwargs[pname] = self._context_value(res, pname, typ)
+                if res.acquire_timeout is not None:
+                    scope.deadline = anyio.current_time() + res.acquire_timeout
                 if self._observer is None:
-                    await guarded(_enter(lease, kwargs), res.acquire_timeout, shield=False)
+                    await _enter(lease, kwargs)
                 else:
-                    await guarded(
-                        _enter_observed(lease, kwargs, self._observer),
-                        res.acquire_timeout,
-                        shield=False,
-                    )
-                entered = True
-        except Exception as exc:  # noqa: BLE001 - reported through the slot
+                    await _enter_observed(lease, kwargs, self._observer, bounded=False)
+                scope.deadline = math.inf
+                self._opened(slot, lease)
+                await slot.stop.wait()
+                if lease.exit is None:
+                    lease.state = RELEASED
+                else:
+                    # Release under the same scope: shielded, bounded by its own deadline.
+                    scope.shield = True
+                    scope.deadline = _deadline(lease)
+                    run.exc = slot.outcome
+                    await run.release_from([lease], scope)
+        except Exception as exc:
+            if lease.state != ACQUIRING:
+                raise
             self._fail(slot, exc)
             return
-        if not entered:  # cancelled because another app resource failed
-            self._fail(slot, StartupFailed(res.name, "cancelled: another resource failed"))
+        if lease.state == ACQUIRING:  # cancelled: past its deadline, or another one failed
+            failed_elsewhere = self._failed is not None and self._failed is not slot
+            self._fail(
+                slot,
+                StartupFailed(res.name, "cancelled: another resource failed")
+                if failed_elsewhere
+                else DeadlineExpired(),
+            )
             return
+        if run.stopped is not None:
+            with anyio.CancelScope(shield=True):
+                if await _terminate(run.stopped) and self._observer is not None:
+                    self._observer.terminated(res)
+        slot.result = (run.suppressed, run.errors, run.interrupt)
+        slot.done.set()
+
+    def _opened(self, slot: _Slot, lease: Lease) -> None:
         lease.state = HELD
         lease.acquired_at = time.monotonic()
-        self._cache[res] = lease
+        self._cache[slot.resource] = lease
         self._leases.append(lease)
         slot.lease = lease
         slot.opened.set()
-        await slot.stop.wait()
-        slot.result = await _release_all([lease], slot.outcome, self._observer)
-        slot.done.set()
 
     def _fail(self, slot: _Slot, exc: Exception) -> None:
         slot.error = exc
         if self._failed is None:
             self._failed = slot
             for other in self._slots.values():
-                if other is not slot:
+                if other is not slot and not other.opened.is_set():
                     other.cancel.cancel()
         slot.opened.set()
 
@@ -630,12 +687,14 @@ async def _enter_bounded(lease: Lease, kwargs: dict[str, Any]) -> None:
         raise ResourceBusy(lease.resource.name, timeout) from None
 
 
-async def _enter_observed(lease: Lease, kwargs: dict[str, Any], observer: Observer) -> None:
+async def _enter_observed(
+    lease: Lease, kwargs: dict[str, Any], observer: Observer, *, bounded: bool = True
+) -> None:
     res = lease.resource
     observer.acquire_started(res)
     started = time.perf_counter()
     try:
-        await _enter_bounded(lease, kwargs)
+        await (_enter_bounded(lease, kwargs) if bounded else _enter(lease, kwargs))
     except BaseException as exc:
         observer.acquire_failed(res, time.perf_counter() - started, isinstance(exc, ResourceBusy))
         raise
@@ -722,8 +781,16 @@ def _deadline(lease: Lease) -> float:
 class _ReleaseRun:
     """The running state of one _release_all call."""
 
-    __slots__ = ("errors", "exc", "index", "interrupt", "observer", "started", "stopped",
-                 "suppressed")
+    __slots__ = (
+        "errors",
+        "exc",
+        "index",
+        "interrupt",
+        "observer",
+        "started",
+        "stopped",
+        "suppressed",
+    )
 
     def __init__(self, exc: BaseException | None, observer: Observer | None) -> None:
         self.exc = exc

@@ -430,20 +430,26 @@ class _Readiness:
         self.ping_timeout = ping_timeout
         self.cache_ttl = cache_ttl
         self.checked_at = -math.inf
-        self.failing: dict[str, str] = {}
+        self.checks: dict[str, str] = {}
         self.lock = anyio.Lock()
 
-    async def failures(self, app_scope: AppScope) -> dict[str, str]:
+    async def check(self, app_scope: AppScope) -> dict[str, str]:
+        """Each pinged resource's state: "ok" or what its ping raised."""
         async with self.lock:  # one ping round at a time; the others reuse it
             if anyio.current_time() - self.checked_at >= self.cache_ttl:
                 results = await app_scope.ping(self.ping_timeout)
-                self.failing = {
-                    name: f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                self.checks = {
+                    name: "ok" if err is None else _describe(err)
                     for name, err in sorted(results.items())
-                    if err is not None
                 }
                 self.checked_at = anyio.current_time()
-            return self.failing
+            return self.checks
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TimeoutError) and not str(err):
+        return "TimeoutError: no answer in time"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 def health_routes(
@@ -460,7 +466,7 @@ def health_routes(
     a ping hook, concurrently, each within *ping_timeout*, and caches the answer
     for *cache_ttl* seconds so a burst of probes cannot overload a database; it
     answers 503 naming the failing resources, and 503 while the app is starting
-    or draining.
+    or draining. Both answers list each pinged resource under ``checks``.
     """
     router = APIRouter(tags=["health"])
     readiness = _Readiness(ping_timeout, cache_ttl)
@@ -482,10 +488,10 @@ def health_routes(
             return problem_response(503, "starting: the app resources are not open yet")
         if app_scope.draining:
             return problem_response(503, "draining: the app is shutting down")
-        failing = await readiness.failures(app_scope)
+        checks = await readiness.check(app_scope)
+        failing = [name for name, state in checks.items() if state != "ok"]
         if failing:
-            names = ", ".join(repr(name) for name in failing)
-            return problem_response(503, f"not ready: {names} failed their ping", failing=failing)
-        return {"status": "ready"}
+            return problem_response(503, f"not ready: {', '.join(failing)}", checks=checks)
+        return {"status": "ready", "checks": checks}
 
     return router

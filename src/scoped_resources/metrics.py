@@ -60,9 +60,7 @@ class PrometheusMetrics(Observer):
         self.leases_in_use = prom.Gauge(
             "leases_in_use", "Request-scoped instances held now.", ["resource"], **kwargs
         )
-        self.waiters = prom.Gauge(
-            "waiters", "Acquires waiting now.", ["resource"], **kwargs
-        )
+        self.waiters = prom.Gauge("waiters", "Acquires waiting now.", ["resource"], **kwargs)
         self.acquire_seconds = prom.Histogram(
             "acquire_seconds", "Time to acquire an instance.", ["resource"], **kwargs
         )

@@ -268,3 +268,62 @@ class TestOverrides:
         conn = generator_resource(resources, journal, "conn")
         with pytest.raises(ScopeViolation, match="'pool'.*'conn'"), resources.override(pool, conn):
             pass
+
+    async def test_an_override_in_force_at_startup_replaces_the_opening(self) -> None:
+        """The original app resource never opens when overridden before start-up."""
+        resources = Resources()
+        journal = Journal()
+        relay = generator_resource(resources, journal, "relay", scope="app")
+
+        @resources.app
+        def user(r: Annotated[str, Use(relay)]) -> str:
+            return f"uses {r}"
+
+        with resources.override(relay, "fake relay"):
+            async with resources.open() as app_scope:
+                assert await app_scope.get(user) == "uses fake relay"
+        assert journal.events == []
+
+
+class TestAppScopeAsParameter:
+    """An app resource can take the app scope, to open child scopes later."""
+
+    async def test_a_background_resource_opens_child_scopes(self) -> None:
+        """A relay-like resource uses request resources from its own task."""
+        from scoped_resources import AppScope
+
+        resources = Resources()
+        journal = Journal()
+        conn = generator_resource(resources, journal, "conn")
+        done = anyio.Event()
+
+        @resources.app
+        async def relay(app_scope: AppScope) -> AsyncIterator[str]:
+            async def work() -> None:
+                async with app_scope.child("relay job") as scope:
+                    journal.add(f"relay got {await scope.get(conn)}")
+                done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(work)
+                yield "relay"
+                tg.cancel_scope.cancel()
+
+        async with resources.open():
+            await done.wait()
+        assert journal.events == ["acquire conn", "relay got conn", "release conn"]
+
+    async def test_an_app_resource_cannot_take_the_request(self) -> None:
+        """Asking for the Request in an app resource is a plan error."""
+        from starlette.requests import Request
+
+        from scoped_resources.exceptions import ResourceMisuse
+
+        resources = Resources()
+
+        @resources.app
+        def per_request(request: Request) -> str:
+            return "x"
+
+        with pytest.raises(ResourceMisuse, match="'per_request'.*Request"):
+            resources.plan(context_types=(Request,))

@@ -203,7 +203,8 @@ class TestReadiness:
             transport = httpx.ASGITransport(manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
                 assert (await client.get("/healthz")).json() == {"status": "ok"}
-                assert (await client.get("/readyz")).json() == {"status": "ready"}
+                ready = (await client.get("/readyz")).json()
+                assert ready == {"status": "ready", "checks": {"db": "ok"}}
         assert pings == ["db"]
 
     async def test_a_failing_ping_answers_503_naming_the_resource(self) -> None:
@@ -221,7 +222,8 @@ class TestReadiness:
                 response = await client.get("/readyz")
         assert response.status_code == 503
         assert response.headers["content-type"] == "application/problem+json"
-        assert response.json()["failing"] == {"cache": "ConnectionError: connection refused"}
+        assert response.json()["detail"] == "not ready: cache"
+        assert response.json()["checks"] == {"cache": "ConnectionError: connection refused"}
 
     async def test_a_burst_of_probes_pings_once(self) -> None:
         """Twenty concurrent probes share one ping round."""

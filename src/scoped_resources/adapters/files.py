@@ -114,8 +114,10 @@ class Files:
             raise UnsafePath(path, "it is empty")
         if "\x00" in path:
             raise UnsafePath(path, "it contains a NUL byte")
-        if PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute() or (
-            PureWindowsPath(path).drive
+        if (
+            PurePosixPath(path).is_absolute()
+            or PureWindowsPath(path).is_absolute()
+            or (PureWindowsPath(path).drive)
         ):
             raise UnsafePath(path, "it is absolute; give a path relative to the base directory")
         parts = PurePosixPath(path.replace("\\", "/")).parts

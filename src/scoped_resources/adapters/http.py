@@ -215,4 +215,3 @@ async def _terminate(client: httpx.AsyncClient) -> None:
     if isinstance(transport, SlotTransport):
         with anyio.move_on_after(1.0, shield=True):
             await transport.inner.aclose()
-

@@ -217,4 +217,3 @@ class Redis:
 async def _close_pubsub_connection(ps: PubSub) -> None:
     if ps.connection is not None:
         await ps.connection.disconnect()
-

@@ -152,8 +152,11 @@ class AppLifespan:
         raise RuntimeError(f"the app's lifespan {phase} failed: {self._failure}")
 
     async def _run(self) -> None:
-        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
-                 "state": self.state}
+        scope = {
+            "type": "lifespan",
+            "asgi": {"version": "3.0", "spec_version": "2.0"},
+            "state": self.state,
+        }
         try:
             await self.app(scope, self._receive, self._send)
         except Exception as exc:  # noqa: BLE001 - surfaced by __aenter__/__aexit__

@@ -1,0 +1,89 @@
+"""``python -m service``: migrate the database, then serve on HOST:PORT.
+
+``python -m service migrate`` only migrates. ``WORKERS=N`` (N > 1) runs N worker
+processes on one port. Bad settings end the program with exit code 2 and one line
+per problem, naming the environment variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from .database import make_engine, migrate
+from .settings import Settings
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; exit 2 with a clear message when invalid."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [f"service: invalid configuration ({exc.error_count()} problem(s)):"]
+        for err in exc.errors(include_url=False):
+            var = "_".join(str(p) for p in err["loc"]).upper() or "?"
+            lines.append(f"  {var}: {err['msg']}")
+        print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def run_migrations(settings: Settings) -> None:
+    """Bring the database schema up to date."""
+    engine = make_engine(settings)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+class _Server(uvicorn.Server):
+    """Prints the address (with the real port when PORT=0) once it listens."""
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.config.host, self.config.port
+            for server in getattr(self, "servers", ()):
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+            base = f"http://{host}:{port}"
+            print(f"service: listening on {base} (API docs: {base}/docs)", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """Run the command in *argv* (``serve`` by default)."""
+    command = argv[0] if argv else "serve"
+    if command not in ("serve", "migrate"):
+        print("usage: python -m service [serve|migrate]", file=sys.stderr)
+        return 2
+    settings = load_settings()
+    asyncio.run(run_migrations(settings))
+    if command == "migrate":
+        print("service: the database schema is up to date", flush=True)
+        return 0
+    workers = int(os.environ.get("WORKERS", "1") or 1)
+    if workers > 1:
+        base = f"http://{settings.host}:{settings.port}"
+        print(f"service: {workers} workers listening on {base} (API docs: {base}/docs)")
+        uvicorn.run("service.app:app", host=settings.host, port=settings.port, workers=workers)
+        return 0
+    from .app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=10,
+        log_level=os.environ.get("LOG_LEVEL", "info").lower(),
+    )
+    _Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

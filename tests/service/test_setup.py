@@ -1,0 +1,141 @@
+"""Start-up: settings are checked, migrations build the schema, `python -m service` runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service import Settings
+from service.database import downgrade, make_engine, migrate
+
+from .conftest import SettingsFactory, create_database, drop_database, with_database
+from .processes import ROOT, service_process
+
+TABLES = {"users", "items", "logs", "outbox", "alembic_version"}
+
+
+class TestSettings:
+    def test_defaults_are_embedded(self) -> None:
+        """With nothing configured the service uses SQLite and no Redis, broker or upstream."""
+        settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        assert settings.is_sqlite
+        assert settings.redis_url is None
+        assert settings.amqp_url is None
+        assert settings.upstream_url is None
+        assert settings.api_token is None
+
+    def test_postgres_urls_select_asyncpg(self) -> None:
+        """postgres:// and postgresql:// URLs are run through asyncpg."""
+        settings = Settings(database_url="postgres://u@h/db", _env_file=None)  # type: ignore[call-arg]
+        assert settings.database_url == "postgresql+asyncpg://u@h/db"
+
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [
+            ("database_url", "mysql://x", "DATABASE_URL must start with"),
+            ("redis_url", "http://x", "REDIS_URL must start with"),
+            ("amqp_url", "redis://x", "AMQP_URL must start with"),
+            ("upstream_url", "ftp://x", "UPSTREAM_URL must start with"),
+            ("upstream_url", "http://", "UPSTREAM_URL needs a host"),
+            ("port", 70000, "less than or equal"),
+        ],
+    )
+    def test_invalid_settings_name_the_variable(
+        self, field: str, value: object, message: str
+    ) -> None:
+        """A bad value is refused with a message that names the environment variable."""
+        with pytest.raises(ValidationError, match=message):
+            Settings.model_validate({field: value})
+
+    def test_empty_values_mean_unset(self) -> None:
+        """REDIS_URL= (empty) is the same as not setting it; so is DATABASE_URL=."""
+        settings = Settings.model_validate({"redis_url": "", "api_token": "", "database_url": ""})
+        assert settings.is_sqlite
+        assert settings.redis_url is None
+        assert settings.api_token is None
+
+    def test_bad_environment_stops_the_program_with_exit_code_2(self, tmp_path: Path) -> None:
+        """`python -m service` with a bad DATABASE_URL prints the problem and exits 2."""
+        env = {**os.environ, "DATABASE_URL": "mysql://nope", "PYTHONPATH": str(ROOT)}
+        result = subprocess.run(
+            [sys.executable, "-m", "service"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert "DATABASE_URL: Value error, DATABASE_URL must start with" in result.stderr
+
+
+@pytest.fixture
+async def empty_database(
+    backend: str, make_settings: SettingsFactory, tmp_path: Path
+) -> AsyncIterator[AsyncEngine]:
+    """An engine on a database with no tables: a new SQLite file or PostgreSQL database."""
+    if backend == "embedded":
+        settings = make_settings(database_url=f"sqlite:///{tmp_path / 'fresh.db'}")
+        engine = make_engine(settings)
+        yield engine
+        await engine.dispose()
+        return
+    pg_dsn = os.environ.get("SR_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+    name = f"sr_service_migrations_{os.getpid()}"
+    await create_database(pg_dsn, name)
+    engine = make_engine(make_settings(database_url=with_database(pg_dsn, name)))
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+        await drop_database(pg_dsn, name)
+
+
+async def table_names(engine: AsyncEngine) -> set[str]:
+    """The tables in *engine*'s database."""
+    async with engine.connect() as conn:
+        return set(await conn.run_sync(lambda sync: sa_inspect(sync).get_table_names()))
+
+
+@pytest.mark.anyio
+class TestMigrations:
+    async def test_upgrade_creates_the_tables(self, empty_database: AsyncEngine) -> None:
+        """The migrations create users, items, logs and outbox (with these names)."""
+        await migrate(empty_database)
+        assert await table_names(empty_database) == TABLES
+
+    async def test_upgrade_is_idempotent(self, empty_database: AsyncEngine) -> None:
+        """Running the migrations twice (a second replica starting) changes nothing."""
+        await migrate(empty_database)
+        await migrate(empty_database)
+        assert await table_names(empty_database) == TABLES
+
+    async def test_downgrade_removes_the_tables(self, empty_database: AsyncEngine) -> None:
+        """Downgrading to base drops every table the migrations made."""
+        await migrate(empty_database)
+        await downgrade(empty_database)
+        assert await table_names(empty_database) == {"alembic_version"}
+
+
+@pytest.mark.anyio
+class TestRunCommand:
+    async def test_python_m_service_serves_the_api_and_its_docs(self, tmp_path: Path) -> None:
+        """`python -m service` with no configuration migrates, listens and serves /docs."""
+        env = {"DATABASE_URL": "", "REDIS_URL": "", "AMQP_URL": "", "UPSTREAM_URL": ""}
+        with service_process(env, tmp_path / "stderr.log") as url:
+            async with httpx.AsyncClient(base_url=url) as client:
+                assert (await client.get("/healthz")).status_code == 200
+                assert (await client.get("/docs")).status_code == 200
+                created = await client.post("/items", json={"name": "from-readme"})
+                assert created.status_code == 201
+        assert (tmp_path / "service-data" / "service.db").exists()
