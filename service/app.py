@@ -81,7 +81,7 @@ CacheKey = Annotated[str, PathParam(pattern=CACHE_KEY, description="1-200 of [A-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app (with its own resources) for *settings* (default: the environment)."""
     settings = settings or Settings()
-    resources = Resources("service")
+    resources = Resources("service", request_timeout=settings.request_timeout)
     resources.provide(settings)
 
     # -- resources --------------------------------------------------------------
@@ -183,6 +183,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(sqlalchemy.exc.TimeoutError, _unavailable("database"))
     app.add_exception_handler(sqlalchemy.exc.OperationalError, _unavailable("database"))
     app.add_exception_handler(sqlalchemy.exc.InterfaceError, _unavailable("database"))
+    app.add_exception_handler(sqlalchemy.exc.DBAPIError, _database_error)
+    # A connection lost mid-request (asyncpg: "unexpected connection_lost() call").
+    app.add_exception_handler(ConnectionError, _unavailable("database"))
     app.add_exception_handler(redis.exceptions.ConnectionError, _unavailable("cache"))
     app.add_exception_handler(redis.exceptions.TimeoutError, _unavailable("cache"))
     app.add_middleware(
@@ -382,6 +385,15 @@ def _unavailable(what: str) -> Handler:
         return errors.problem(503, f"the {what} is unavailable; retry later", {"Retry-After": "1"})
 
     return handler
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """503 when the driver lost its connection (an outage); 500 for anything else."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        unavailable: JSONResponse = await _unavailable("database")(request, exc)
+        return unavailable
+    errors.logger.error("database error", exc_info=exc)
+    return errors.problem(500, "the request failed in the database")
 
 
 def _upstream_problems(problems: dict[int | str, dict[str, Any]]) -> dict[int | str, Any]:

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scoped_resources.adapters.files import UnsafePath, UploadTooLarge
 from scoped_resources.exceptions import ResourceBusy
+from scoped_resources.fastapi import problem_response
 
 logger = logging.getLogger("service")
 
@@ -26,18 +27,8 @@ PROBLEM = "application/problem+json"
 _MAX_ERRORS = 20
 
 
-def problem(
-    status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    """A problem+json response; *extra* members are added to the document."""
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
-    body["detail"] = detail
-    body.update(extra)
-    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM)
+#: A problem+json response; extra keyword arguments become members of the document.
+problem = problem_response
 
 
 def problem_schema() -> dict[str, Any]:

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     outbox_poll_seconds: float = Field(default=2.0, gt=0, le=3600)
     upstream_timeout: float = Field(default=5.0, gt=0, le=300)
     ready_timeout: float = Field(default=2.0, gt=0, le=60)
+    request_timeout: float = Field(
+        default=30.0, gt=0, le=3600, description="Bound on each request (503 past it)."
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 

@@ -1,0 +1,120 @@
+"""Exhaustion: 20x the pool size of concurrent slow requests."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from scoped_resources.testing import TempPostgres
+
+from ._harness import (
+    busy,
+    latency_ms,
+    lock_waiters,
+    report,
+    running_service,
+    service_backends,
+    table_lock,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.anyio]
+
+POOL_SIZE = 2
+REQUESTS = 20 * POOL_SIZE
+#: How long a request may wait for a connection: the acquire deadline of the
+#: SQLAlchemy adapter's ``db.connection`` (its default, which the service keeps).
+ACQUIRE_DEADLINE = 5.0
+SLACK = 1.5
+#: The lock (the slowness) lasts past the deadline, so that the extras must give up.
+LOCK_SECONDS = ACQUIRE_DEADLINE + 2.0
+CLIENT_TIMEOUT = 30.0
+
+
+class TestExhaustion:
+    """Past the pool, requests are refused in time with 503 + Retry-After; none hangs."""
+
+    @pytest.mark.timeout(90)
+    async def test_extras_get_503_with_retry_after_within_the_deadline(
+        self, service_env: dict[str, str], fault_db: TempPostgres, tmp_path: Path
+    ) -> None:
+        """40 concurrent writes on a 2-connection pool while the database is locked for 7 s."""
+        service_env["DB_POOL_SIZE"] = str(POOL_SIZE)
+        dsn, db = fault_db.dsn, fault_db.name
+        results: list[tuple[int | str, float, str | None]] = []
+        probes: list[tuple[str, int, float]] = []
+        async with (
+            running_service(service_env, tmp_path) as svc,
+            httpx.AsyncClient(
+                base_url=svc.url,
+                timeout=CLIENT_TIMEOUT,
+                limits=httpx.Limits(max_connections=REQUESTS + 10),
+            ) as client,
+        ):
+
+            async def write(i: int) -> None:
+                start = time.monotonic()
+                try:
+                    response = await client.post("/items", json={"name": f"slow-{i}"})
+                    status: int | str = response.status_code
+                    retry = response.headers.get("retry-after")
+                except httpx.HTTPError as exc:
+                    status, retry = type(exc).__name__, None
+                results.append((status, time.monotonic() - start, retry))
+
+            async def probe_health(path: str) -> None:
+                start = time.monotonic()
+                response = await client.get(path)
+                probes.append((path, response.status_code, time.monotonic() - start))
+
+            async with anyio.create_task_group() as tg, table_lock(dsn):
+                for i in range(REQUESTS):
+                    tg.start_soon(write, i)
+
+                async def pool_in_use() -> bool:
+                    return len(lock_waiters(await service_backends(dsn, db))) == POOL_SIZE
+
+                in_use = await wait_until(pool_in_use, timeout=5)
+                await probe_health("/healthz")
+                await probe_health("/readyz")
+                await anyio.sleep(LOCK_SECONDS)
+                # the lock is released: the requests holding the pool finish
+
+            async def quiet() -> bool:
+                return not busy(await service_backends(dsn, db))
+
+            quiet_after = await wait_until(quiet, timeout=5)
+            after = [
+                (await client.post("/items", json={"name": f"after-{i}"})).status_code
+                for i in range(POOL_SIZE * 2)
+            ]
+
+        statuses = Counter(str(s) for s, _, _ in results)
+        refused = [(t, r) for s, t, r in results if s == 503]
+        served = [t for s, t, _ in results if s == 201]
+        report(
+            "exhaustion",
+            pool_size=POOL_SIZE,
+            requests=len(results),
+            answers=dict(statuses),
+            refused_latency_ms=latency_ms([t for t, _ in refused]),
+            retry_after=sorted({str(r) for _, r in refused}),
+            served_latency_ms=latency_ms(served),
+            lock_seconds=LOCK_SECONDS,
+            probes_while_exhausted={p: [s, round(t * 1000, 1)] for p, s, t in probes},
+            quiet_after_s=None if quiet_after is None else round(quiet_after, 2),
+            after=after,
+        )
+        assert in_use is not None, "the pool never filled up"
+        assert len(results) == REQUESTS
+        assert statuses == {"503": REQUESTS - POOL_SIZE, "201": POOL_SIZE}
+        assert all(t <= ACQUIRE_DEADLINE + SLACK for t, _ in refused)
+        assert all(r is not None and int(r) >= 1 for _, r in refused)
+        assert {p: s for p, s, _ in probes}["/healthz"] == 200
+        assert quiet_after is not None
+        assert after == [201] * (POOL_SIZE * 2)
