@@ -1,18 +1,32 @@
 """Run an awaitable under a deadline (and a shield), and tell when the deadline hit.
 
-The cancel scope must be entered before the awaitable takes its first step: an
-awaitable may open cancel scopes of its own before it first suspends, and those
-must nest inside ours. (Entering ours lazily, at the first suspension, corrupts
-the cancel-scope stack on trio and anyio's asyncio backend alike.)
+Two ways, chosen per call:
+
+* **anyio cancel scope** (any backend): a ``CancelScope`` with the deadline and the
+  shield, entered before the awaitable takes its first step, so that cancel scopes
+  the awaitable opens nest inside it. About 8 us on asyncio.
+* **native timer** (asyncio, when the task is inside no anyio cancel scope): a
+  ``loop.call_at`` that cancels the task, like ``asyncio.timeout`` but lighter
+  (about 2.5 us). No shield is needed there: anyio delivers cancellation only to
+  tasks inside one of its cancel scopes, and a native ``task.cancel()`` is not
+  stopped by any shield. Whether the task is inside an anyio scope is read from
+  anyio's task states; if that private table ever moves, the anyio path is used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
+
+_task_states: Any
+try:  # anyio's record of which cancel scope each asyncio task is in
+    from anyio._backends._asyncio import _task_states
+except ImportError:  # pragma: no cover - a future anyio: always use cancel scopes
+    _task_states = None
 
 T = TypeVar("T")
 
@@ -21,8 +35,54 @@ class DeadlineExpired(Exception):
     """Raised when the guarded awaitable was cancelled by its own deadline."""
 
 
+def native_task() -> asyncio.Task[Any] | None:
+    """The current asyncio task when no anyio cancel scope can reach it, else None."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop: trio
+        return None
+    if task is None or _task_states is None:
+        return None
+    state = _task_states.get(task)
+    if state is not None and getattr(state, "cancel_scope", True) is not None:
+        return None
+    return task
+
+
+class _Expiry:
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
+async def on_timer(awaitable: Awaitable[T], timeout: float, task: asyncio.Task[Any]) -> T:
+    """Await *awaitable*; cancel *task* natively when *timeout* seconds have passed."""
+    loop = task.get_loop()
+    expiry = _Expiry(task)
+    handle = loop.call_at(loop.time() + timeout, expiry)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if expiry.fired and task.uncancel() == 0:
+            raise DeadlineExpired from None
+        raise
+    finally:
+        handle.cancel()
+
+
 async def guarded(awaitable: Awaitable[T], timeout: float | None, *, shield: bool) -> T:
     """Await *awaitable* within *timeout* seconds, optionally shielded from outside."""
+    task = native_task()
+    if task is not None:
+        if timeout is None:
+            return await awaitable
+        return await on_timer(awaitable, timeout, task)
     if timeout is None and not shield:
         return await awaitable
     deadline = anyio.current_time() + timeout if timeout is not None else math.inf

@@ -10,6 +10,7 @@ exited by the same task.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from ._guard import DeadlineExpired, guarded
+from ._guard import DeadlineExpired, guarded, native_task, on_timer
 from ._observe import Observer
 from ._plan import Plan, Recipe
 from ._resource import Kind, Level, Resource
@@ -467,10 +468,8 @@ class AppScope(Scope):
                 else DeadlineExpired(),
             )
             return
-        if run.stopped is not None:
-            with anyio.CancelScope(shield=True):
-                if await _terminate(run.stopped) and self._observer is not None:
-                    self._observer.terminated(res)
+        with anyio.CancelScope(shield=True):
+            await run.terminate_stopped()
         slot.result = (run.suppressed, run.errors, run.interrupt)
         slot.done.set()
 
@@ -752,24 +751,30 @@ async def _release_all(
 ) -> tuple[bool, list[Exception], BaseException | None]:
     """Release *leases* in reverse order; never raises.
 
-    All releases run under one shielded cancel scope whose deadline is moved to
-    each release's own; a release that overruns it, or that a native cancel
-    interrupts, is terminated and the rest go on under a fresh scope.
+    On asyncio outside anyio cancel scopes, each release runs under a native timer
+    (see ``_guard``). Otherwise all run under one shielded cancel scope whose
+    deadline is moved to each release's own. Either way a release that overruns
+    its deadline, fails, or is interrupted by a native cancel is terminated, and
+    the rest are still released.
     """
     run = _ReleaseRun(exc, observer)
     todo = [lease for lease in reversed(leases) if lease.exit is not None]
     for lease in leases:
         if lease.exit is None:
             lease.state = RELEASED
+    if not todo:
+        return run.suppressed, run.errors, run.interrupt
+    task = native_task()
+    if task is not None:
+        for lease in todo:
+            await run.release_on_timer(lease, task)
+            await run.terminate_stopped()
+        return run.suppressed, run.errors, run.interrupt
     while run.index < len(todo):
         with anyio.CancelScope(deadline=_deadline(todo[run.index]), shield=True) as scope:
             await run.release_from(todo, scope)
-        stopped = run.stopped
-        if stopped is not None:
-            run.stopped = None
-            with anyio.CancelScope(shield=True):
-                if await _terminate(stopped) and observer is not None:
-                    observer.terminated(stopped.resource)
+        with anyio.CancelScope(shield=True):
+            await run.terminate_stopped()
     return run.suppressed, run.errors, run.interrupt
 
 
@@ -802,6 +807,24 @@ class _ReleaseRun:
         self.interrupt: BaseException | None = None
         self.stopped: Lease | None = None
 
+    async def release_on_timer(self, lease: Lease, task: asyncio.Task[Any]) -> None:
+        """Release one lease under a native timer (no anyio scope can cancel this task)."""
+        lease.state = RELEASING
+        if self.observer is not None:
+            self.started = time.perf_counter()
+        timeout = lease.resource.release_timeout
+        release = _release_awaitable(lease, self.exc)
+        try:
+            result = await (release if timeout is None else on_timer(release, timeout, task))
+        except DeadlineExpired:
+            self._timed_out(lease)
+        except Exception as failure:  # noqa: BLE001 - gathered and raised together
+            self._failed(lease, failure)
+        except BaseException as stop:  # noqa: BLE001 - a native cancel (not ours) or ^C
+            self._interrupted(lease, stop)
+        else:
+            self._released(lease, result)
+
     async def release_from(self, todo: list[Lease], scope: anyio.CancelScope) -> None:
         """Release todo[self.index:] until one overruns or is interrupted."""
         exc = self.exc
@@ -809,7 +832,6 @@ class _ReleaseRun:
         while self.index < len(todo):
             lease = todo[self.index]
             self.index += 1
-            res = lease.resource
             if not first:
                 scope.deadline = _deadline(lease)
             first = False
@@ -821,13 +843,8 @@ class _ReleaseRun:
             except Exception as failure:  # noqa: BLE001 - gathered and raised together
                 if scope.cancel_called:
                     self._timed_out(lease)
-                    return
-                failure.__scoped_resource__ = res.name  # type: ignore[attr-defined]
-                _note(failure, f"while releasing resource {res.name!r}")
-                self.errors.append(failure)
-                self.stopped = lease
-                lease.state = FAILED
-                self._observe(lease, "failed")
+                else:
+                    self._failed(lease, failure)
                 return
             except BaseException as stop:
                 if scope.cancel_called:  # our own deadline: let the scope swallow it
@@ -839,11 +856,29 @@ class _ReleaseRun:
             if scope.cancel_called:  # it swallowed our cancellation, but ran late
                 self._timed_out(lease)
                 return
-            lease.state = RELEASED
-            if self.observer is not None:
-                self._observe(lease, "ok")
-            if result and exc is not None:
-                self._suppress(res)
+            self._released(lease, result)
+
+    async def terminate_stopped(self) -> None:
+        """Terminate the lease whose release did not end well, if there is one."""
+        stopped, self.stopped = self.stopped, None
+        if stopped is not None and await _terminate(stopped) and self.observer is not None:
+            self.observer.terminated(stopped.resource)
+
+    def _released(self, lease: Lease, result: Any) -> None:
+        lease.state = RELEASED
+        if self.observer is not None:
+            self._observe(lease, "ok")
+        if result and self.exc is not None:
+            self._suppress(lease.resource)
+
+    def _failed(self, lease: Lease, failure: Exception) -> None:
+        name = lease.resource.name
+        failure.__scoped_resource__ = name  # type: ignore[attr-defined]
+        _note(failure, f"while releasing resource {name!r}")
+        self.errors.append(failure)
+        self.stopped = lease
+        lease.state = FAILED
+        self._observe(lease, "failed")
 
     def _observe(self, lease: Lease, outcome: str) -> None:
         if self.observer is not None:

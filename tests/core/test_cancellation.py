@@ -118,3 +118,96 @@ class TestCancelDuringCleanup:
                 await task
         assert terminated == ["second"]
         assert journal.events == ["acquire first", "release first"]
+
+
+class TestNativeTimerPath:
+    """On asyncio outside anyio cancel scopes, deadlines run on native timers."""
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_the_native_path_is_taken_outside_anyio_scopes(self) -> None:
+        """A bare asyncio task qualifies; one inside an anyio cancel scope does not."""
+        from scoped_resources._guard import native_task
+
+        async def probe() -> bool:
+            return native_task() is not None
+
+        assert await asyncio.ensure_future(probe()) is True
+        with anyio.CancelScope():  # noqa: ASYNC100 - only its presence matters
+            assert native_task() is None
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_hanging_release_is_terminated_on_the_native_timer(self) -> None:
+        """Past release_timeout the release is cancelled, terminated, and the rest go on."""
+        from scoped_resources.exceptions import ReleaseFailed, ReleaseTimeout
+
+        resources = Resources()
+        journal = Journal()
+        terminated: list[str] = []
+        first = generator_resource(resources, journal, "first")
+
+        @resources.request(release_timeout=0.02, terminate=terminated.append)
+        async def stuck() -> AsyncIterator[str]:
+            yield "stuck"
+            await anyio.sleep_forever()
+
+        async with resources.open() as app_scope:
+
+            async def request() -> None:
+                async with app_scope.child() as scope:
+                    await scope.get(first)
+                    await scope.get(stuck)
+
+            with pytest.raises(ReleaseFailed) as caught:
+                await asyncio.ensure_future(request())
+        assert isinstance(caught.value.exceptions[0], ReleaseTimeout)
+        assert terminated == ["stuck"]
+        assert journal.events == ["acquire first", "release first"]
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_an_acquire_past_its_deadline_is_busy_on_the_native_timer(self) -> None:
+        """acquire_timeout raises ResourceBusy, and the task is not left cancelled."""
+        from scoped_resources.exceptions import ResourceBusy
+
+        resources = Resources()
+
+        @resources.request(acquire_timeout=0.02)
+        async def exhausted() -> str:
+            await anyio.sleep_forever()
+            return "never"
+
+        async with resources.open() as app_scope:
+
+            async def request() -> int:
+                async with app_scope.child() as scope:
+                    with pytest.raises(ResourceBusy):
+                        await scope.get(exhausted)
+                await asyncio.sleep(0)  # the task is not cancelled any more
+                task = asyncio.current_task()
+                assert task is not None
+                return task.cancelling()
+
+            assert await asyncio.ensure_future(request()) == 0
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_cancel_from_outside_is_not_taken_for_the_deadline(self) -> None:
+        """A task.cancel() during a timed acquire stays a cancellation."""
+        resources = Resources()
+        waiting = anyio.Event()
+
+        @resources.request(acquire_timeout=10)
+        async def slow() -> str:
+            waiting.set()
+            await anyio.sleep_forever()
+            return "never"
+
+        async with resources.open() as app_scope:
+
+            async def request() -> None:
+                async with app_scope.child() as scope:
+                    await scope.get(slow)
+
+            task = asyncio.ensure_future(request())
+            await waiting.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
