@@ -64,7 +64,8 @@ class Resources:
     and release (see :mod:`scoped_resources.metrics`); *debug* records where each
     lease was acquired, for leak reports; *leak_after* is when a held lease is
     reported. In FastAPI, *cancel_on_disconnect* cancels a route's work (and
-    releases its resources) when its client goes away, and *request_timeout*
+    releases its resources) when its client goes away (watched from
+    *watch_disconnect_after* seconds into the request), and *request_timeout*
     bounds each request that uses resources.
     """
 
@@ -79,6 +80,7 @@ class Resources:
         observers: Sequence[Observer] = (),
         debug: bool = False,
         cancel_on_disconnect: bool = True,
+        watch_disconnect_after: float = 0.05,
         request_timeout: float | None = None,
         leak_after: float | None = 60.0,
     ) -> None:
@@ -89,6 +91,9 @@ class Resources:
         self.debug = debug
         #: Cancel a route's work when its client disconnects (see run_to_completion).
         self.cancel_on_disconnect = cancel_on_disconnect
+        #: Watch for the disconnect only in requests still running after this many
+        #: seconds, so fast requests pay one timer, not a task.
+        self.watch_disconnect_after = watch_disconnect_after
         #: Bound every request that uses resources (HTTP 503 past it).
         self.request_timeout = request_timeout
         #: Report a lease held longer than this many seconds (None: never).

@@ -173,21 +173,24 @@ _NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 class _Watch:
     """Cancels the request's task when its client disconnects or its deadline passes.
 
-    The watcher reads the request's ``receive`` only once the body has been read
-    (or there is none), so it never takes body messages from the endpoint. Cost:
-    one task per request (asyncio only), plus one timer when a deadline is set.
+    Cost is kept off fast requests: the disconnect watcher (a task reading the
+    request's ``receive``) starts only if the request is still running after
+    ``watch_disconnect_after`` seconds; until then it is one timer. It reads
+    ``receive`` only once the body has been read (or there is none), so it never
+    takes body messages from the endpoint. asyncio only.
     """
 
-    __slots__ = ("active", "fired", "task", "timeout", "timer", "watcher")
+    __slots__ = ("active", "fired", "request", "task", "timeout", "timers", "watcher")
 
-    def __init__(self, task: asyncio.Task[Any], timeout: float | None) -> None:
+    def __init__(self, task: asyncio.Task[Any], request: Request, timeout: float | None) -> None:
         self.task = task
+        self.request = request
         self.timeout = timeout
         self.active = True
         #: Why the task was cancelled: "disconnect", "deadline", or None.
         self.fired: str | None = None
         self.watcher: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.timers: list[asyncio.TimerHandle] = []
 
     @classmethod
     def start(cls, request: Request, registry: Resources) -> _Watch | None:
@@ -204,15 +207,21 @@ class _Watch:
         task = asyncio.current_task()
         if task is None:
             return None
-        watch = cls(task, timeout)
-        if watch_disconnect and _body_done(request):
-            watch.watcher = loop.create_task(watch._wait_for_disconnect(request))
+        watch = cls(task, request, timeout)
+        if watch_disconnect:
+            watch.timers.append(
+                loop.call_later(registry.watch_disconnect_after, watch._start_watcher)
+            )
         if timeout is not None:
-            watch.timer = loop.call_later(timeout, watch._fire, "deadline")
+            watch.timers.append(loop.call_later(timeout, watch._fire, "deadline"))
         return watch
 
-    async def _wait_for_disconnect(self, request: Request) -> None:
-        receive = request.receive
+    def _start_watcher(self) -> None:
+        if self.active and _body_done(self.request):
+            self.watcher = self.task.get_loop().create_task(self._wait_for_disconnect())
+
+    async def _wait_for_disconnect(self) -> None:
+        receive = self.request.receive
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -228,8 +237,8 @@ class _Watch:
         self.active = False
         if self.watcher is not None:
             self.watcher.cancel()
-        if self.timer is not None:
-            self.timer.cancel()
+        for timer in self.timers:
+            timer.cancel()
 
 
 def _body_done(request: Request) -> bool:

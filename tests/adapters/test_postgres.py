@@ -272,6 +272,23 @@ class TestCancellation:
                     tg.cancel_scope.cancel()
             await assert_pool_healthy(resources, pg, app_scope, admin, app_name)
 
+    async def test_cancel_during_begin_leaves_no_open_transaction(
+        self, pg_dsn: str, admin: Any, app_name: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A cancel landing while BEGIN is in flight rolls back before the pool sees it."""
+        async with TcpProxy("127.0.0.1", 5432) as proxy:
+            resources, pg = declare(via(proxy, pg_dsn), app_name, max_size=1)
+            async with resources.open() as app_scope:
+                for _ in range(5):
+                    async with app_scope.child() as scope:
+                        await scope.get(pg.connection)  # the connection, without delay
+                        proxy.delay = 0.05  # every round trip from here on is slow
+                        with anyio.move_on_after(0.02):
+                            await scope.get(pg.transaction)  # cancelled during BEGIN
+                    proxy.delay = 0
+                await assert_pool_healthy(resources, pg, app_scope, admin, app_name)
+        assert "active transaction" not in caplog.text
+
     async def test_cancel_during_a_query_cancels_it_and_rolls_back(
         self, pg_dsn: str, admin: Any, app_name: str, table: str
     ) -> None:

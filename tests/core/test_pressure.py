@@ -98,6 +98,13 @@ def slow_app(journal: Journal, resources: Resources, started: anyio.Event) -> Fa
     finish = anyio.Event()
     app.state.finish = finish
 
+    @app.get("/finishable")
+    async def finishable(t: Annotated[str, Use(tx)]) -> str:
+        started.set()
+        await finish.wait()
+        journal.add("finished anyway")
+        return t
+
     @app.get("/important")
     @run_to_completion
     async def important(t: Annotated[str, Use(tx)]) -> str:
@@ -160,6 +167,24 @@ class TestAbandonedRequests:
                     await anyio.wait_all_tasks_blocked()
                     app.state.finish.set()
         assert journal.events[-1] == "release tx"
+
+
+    async def test_fast_requests_are_not_watched(self) -> None:
+        """Before watch_disconnect_after no watcher runs, so a fast request pays no task."""
+        journal, started = Journal(), anyio.Event()
+        resources = Resources(watch_disconnect_after=60)
+        app = slow_app(journal, resources, started)
+        async with LifespanManager(app) as manager:
+            exchange = Exchange("GET", "/finishable")
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(run, app, exchange, manager._state)
+                    await started.wait()
+                    exchange.gone.set()
+                    # Longer than the default watch delay: only the 60 s delay keeps it alive.
+                    await anyio.sleep(0.2)
+                    app.state.finish.set()
+        assert journal.events[-2:] == ["finished anyway", "release tx"]
 
 
 class TestRequestDeadline:

@@ -12,7 +12,7 @@ resource                           guarantee
 =================================  ==============================================================
 ``pg.pool`` (app)                  opened in the lifespan; ``SELECT 1`` ping; closed with
                                    ``Pool.close()`` within *close_timeout*, else ``terminate()``
-``pg.connection`` (request)        leased with ``acquire(timeout=acquire_timeout)``; past it
+``pg.connection`` (request)        leased within *acquire_timeout* (the core's deadline); past it
                                    :class:`ResourceBusy` (HTTP 503); always returned to the pool,
                                    reset (asyncpg rolls back what is left open), or terminated
 ``pg.transaction`` (request)       the request's connection inside a transaction: COMMIT before
@@ -32,6 +32,8 @@ fails while leased is terminated on release instead of returned.
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import urlsplit
+
+import anyio
 
 from .._registry import Resources
 from .._resource import Resource
@@ -94,9 +96,11 @@ class Postgres:
                 # (rolls back what is left open) or terminates it.
                 await pool.release(conn)
 
+        # The core bounds the acquire (a native timer, ~2.5 us) rather than
+        # pool.acquire(timeout=...) (asyncio.wait_for, ~9 us): same ResourceBusy.
         self.connection: Resource[Any] = resources.request(
             name=f"{name}.connection",
-            acquire_timeout=None,  # bounded by pool.acquire(timeout=...) below
+            acquire_timeout=acquire_timeout,
             release_timeout=release_timeout,
             terminate=_terminate_connection,
         )(connection)
@@ -105,7 +109,18 @@ class Postgres:
             conn: Annotated[Any, Use(self.connection)],
         ) -> AsyncIterator[Any]:
             tx = conn.transaction()
-            await tx.start()
+            try:
+                await tx.start()
+            except BaseException:
+                # Cancelled (or failed) while BEGIN was in flight: its answer may still
+                # be on the way, so roll back unconditionally (PostgreSQL only warns
+                # when there is nothing to roll back), leaving no open transaction
+                # for the pool's reset to find.
+                if not conn.is_closed():
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(release_timeout):
+                        await conn.execute("ROLLBACK")
+                    _forget_failed_start(conn, tx)
+                raise
             try:
                 yield conn
             except BaseException:
@@ -115,7 +130,7 @@ class Postgres:
 
         self.transaction: Resource[Any] = resources.request(
             name=f"{name}.transaction",
-            acquire_timeout=acquire_timeout,
+            acquire_timeout=None,  # BEGIN only; its connection's acquire is bounded
             release_timeout=release_timeout,
             terminate=_terminate_connection,
         )(transaction)
@@ -143,18 +158,12 @@ class Postgres:
             await pool.close()
 
     async def _acquire(self, pool: Any) -> Any:
-        from ..exceptions import ResourceBusy
-
         try:
-            return await pool.acquire(timeout=self.acquire_timeout)
-        except TimeoutError:
-            raise ResourceBusy(f"{self.name}.connection", self.acquire_timeout) from None
+            return await pool.acquire()
         except Exception as exc:  # noqa: BLE001 - re-raised without secrets
             raise self._scrubbed(exc) from None
 
     async def _ping(self, pool: Any) -> None:
-        import anyio
-
         with anyio.fail_after(self.ping_timeout):
             async with pool.acquire(timeout=self.ping_timeout) as conn:
                 await conn.fetchval("SELECT 1")
@@ -184,6 +193,19 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
+
+
+def _forget_failed_start(conn: Any, tx: Any) -> None:
+    """Clear asyncpg's record of a transaction whose BEGIN was cancelled.
+
+    asyncpg marks the connection's top transaction before BEGIN is sent and does
+    not unmark it when BEGIN is cancelled, so the pool's reset would later log
+    "Resetting connection with an active transaction" for a connection we have
+    already rolled back. (Private attribute; ignored when it is not there.)
+    """
+    raw = getattr(conn, "_con", conn)
+    if getattr(raw, "_top_xact", None) is tx:
+        raw._top_xact = None
 
 
 def _terminate_pool(pool: Any) -> None:
