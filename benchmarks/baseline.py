@@ -62,11 +62,12 @@ def operations(pool: asyncpg.Pool, redis: Redis) -> dict[str, Op]:
 async def _load(op: Op, *, workers: int, duration: float) -> dict[str, float]:
     latencies: list[float] = []
     stop = time.perf_counter() + duration
+    cap = int(max(duration, 1.0) * 200_000)  # bounded in count too, not only in time
     counter = 0
 
     async def worker() -> None:
         nonlocal counter
-        while time.perf_counter() < stop:
+        while time.perf_counter() < stop and counter < cap:
             counter += 1
             t = time.perf_counter()
             await op(counter)

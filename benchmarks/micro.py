@@ -21,6 +21,7 @@ annotations are objects made in functions, not names a module can resolve.
 """
 
 import argparse
+import asyncio
 import inspect
 import json
 import statistics
@@ -49,8 +50,8 @@ class Config:
 # -- the library, directly -----------------------------------------------------------
 
 
-def scoped_registry(n: int) -> tuple[Resources, list[Resource[int]]]:
-    resources = Resources(f"micro{n}")
+def scoped_registry(n: int, **options: Any) -> tuple[Resources, list[Resource[int]]]:
+    resources = Resources(f"micro{n}", **options)
 
     @resources.app
     async def config() -> AsyncIterator[Config]:
@@ -130,8 +131,8 @@ def fastapi_yield_app(n: int) -> FastAPI:
     return app
 
 
-def fastapi_scoped_app(n: int) -> FastAPI:
-    resources, made = scoped_registry(n)
+def fastapi_scoped_app(n: int, **options: Any) -> FastAPI:
+    resources, made = scoped_registry(n, **options)
     app = FastAPI(lifespan=resources.lifespan)
     params = [
         inspect.Parameter(f"r{i}", inspect.Parameter.KEYWORD_ONLY,
@@ -177,12 +178,6 @@ class AsgiClient:
     async def __aexit__(self, *exc: object) -> None:
         await self._lifespan.__aexit__(None, None, None)
 
-    async def receive(self) -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
 
     def scope(self) -> dict[str, Any]:
         return {
@@ -202,10 +197,29 @@ class AsgiClient:
         }
 
     def request(self) -> Callable[[], Awaitable[None]]:
-        app, receive, send, scope = self.app, self.receive, self.send, self.scope
+        app, make_scope = self.app, self.scope
 
         async def one() -> None:
-            await app(scope(), receive, send)
+            # Like a server: the (empty) body once, then nothing until the response is
+            # complete (then a disconnect), so that a task waiting for one waits.
+            done = asyncio.Event()
+            sent_body = False
+
+            async def receive() -> Message:
+                nonlocal sent_body
+                if not sent_body:
+                    sent_body = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                await done.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    self.status = message["status"]
+                elif message["type"] == "http.response.body" and not message.get("more_body"):
+                    done.set()
+
+            await app(make_scope(), receive, send)
 
         return one
 
@@ -214,13 +228,21 @@ class AsgiClient:
 
 
 async def _time(one: Callable[[], Awaitable[None]], loops: int) -> float:
+    # Each timing runs in a task of its own, as a server runs requests: not inside
+    # the task (and the task group) that holds the app scope open.
+    return await asyncio.ensure_future(_loop(one, loops))
+
+
+async def _loop(one: Callable[[], Awaitable[None]], loops: int) -> float:
     start = time.perf_counter()
     for _ in range(loops):
         await one()
     return (time.perf_counter() - start) / loops * 1e6
 
 
-async def _run(sizes: Sequence[int], loops: int, repeats: int) -> dict[str, dict[str, float]]:
+async def _run(
+    sizes: Sequence[int], loops: int, repeats: int, *, diagnose: bool
+) -> dict[str, dict[str, float]]:
     variants: dict[str, Callable[[], Awaitable[None]]] = {}
     async with AsyncExitStack() as stack:
         bare = await stack.enter_async_context(AsgiClient(fastapi_bare_app()))
@@ -234,6 +256,15 @@ async def _run(sizes: Sequence[int], loops: int, repeats: int) -> dict[str, dict
             variants[f"fastapi-yield/{n}"] = yielding.request()
             scoped = await stack.enter_async_context(AsgiClient(fastapi_scoped_app(n)))
             variants[f"fastapi-scoped/{n}"] = scoped.request()
+            if diagnose:
+                # What the deadlines (cancel scopes) and the disconnect watcher cost.
+                resources, made = scoped_registry(n, acquire_timeout=None,
+                                                  release_timeout=None)
+                app_scope = await stack.enter_async_context(resources.open())
+                variants[f"scoped-no-deadlines/{n}"] = scoped_request(app_scope, made)
+                unwatched = await stack.enter_async_context(
+                    AsgiClient(fastapi_scoped_app(n, cancel_on_disconnect=False)))
+                variants[f"fastapi-scoped-no-watch/{n}"] = unwatched.request()
         for name, one in variants.items():  # warm up, and check that each request works
             await _time(one, max(loops // 10, 10))
             client = next((c for c in (locals().get("yielding"), locals().get("scoped"))
@@ -251,10 +282,14 @@ async def _run(sizes: Sequence[int], loops: int, repeats: int) -> dict[str, dict
 
 
 def run_micro(
-    *, sizes: Sequence[int] = SIZES, loops: int = 2000, repeats: int = 7
+    *, sizes: Sequence[int] = SIZES, loops: int = 2000, repeats: int = 7, diagnose: bool = True
 ) -> dict[str, Any]:
-    """Run the micro benchmark on uvloop; per-request microseconds per variant."""
-    timings = uvloop.run(_run(sizes, loops, repeats))
+    """Run the micro benchmark on uvloop; per-request microseconds per variant.
+
+    With *diagnose*, also the library without deadlines (no cancel scopes) and
+    without the disconnect watcher, to show what each costs.
+    """
+    timings = uvloop.run(_run(sizes, loops, repeats, diagnose=diagnose))
     ratios: dict[str, dict[str, float]] = {}
     bare = timings["fastapi-bare"]["median_us"]
     for n in sizes:
@@ -289,6 +324,24 @@ def table(result: dict[str, Any]) -> str:
         )
     lines.append(f"\nFastAPI route with no dependency (ASGI, no network): "
                  f"{t['fastapi-bare']['median_us']:.1f} µs per request.")
+    if any(k.startswith("scoped-no-deadlines/") for k in t):
+        lines += [
+            "",
+            "Diagnostics (µs per request): the library with `acquire_timeout=None, "
+            "release_timeout=None` (no cancel scopes), and through FastAPI with "
+            "`cancel_on_disconnect=False` (no watcher task).",
+            "",
+            "| resources | scoped | scoped, no deadlines | FastAPI + Use "
+            "| FastAPI + Use, no watcher |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for n in result["settings"]["sizes"]:
+            lines.append(
+                f"| {n} | {t[f'scoped/{n}']['median_us']:.1f} "
+                f"| {t[f'scoped-no-deadlines/{n}']['median_us']:.1f} "
+                f"| {t[f'fastapi-scoped/{n}']['median_us']:.1f} "
+                f"| {t[f'fastapi-scoped-no-watch/{n}']['median_us']:.1f} |"
+            )
     return "\n".join(lines)
 
 

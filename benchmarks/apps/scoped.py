@@ -31,13 +31,13 @@ from ._common import (
 
 resources = Resources("bench")
 pg = Postgres(resources, database_url(), min_size=POOL_SIZE, max_size=POOL_SIZE)
-cache = RedisAdapter(resources, redis_url(), max_connections=POOL_SIZE)
+redis_adapter = RedisAdapter(resources, redis_url(), max_connections=POOL_SIZE)
 
 app = FastAPI(lifespan=resources.lifespan)
 
 Connection = Annotated[asyncpg.Connection, Use(pg.connection)]
 Transaction = Annotated[asyncpg.Connection, Use(pg.transaction)]
-Redis = Annotated[RedisClient, Use(cache.client)]
+Redis = Annotated[RedisClient, Use(redis_adapter.client)]
 
 
 @app.get("/users/{user_id}")

@@ -6,8 +6,8 @@ Two ways, chosen per call:
   shield, entered before the awaitable takes its first step, so that cancel scopes
   the awaitable opens nest inside it. About 8 us on asyncio.
 * **native timer** (asyncio, when the task is inside no anyio cancel scope): a
-  ``loop.call_at`` that cancels the task, like ``asyncio.timeout`` but lighter
-  (about 2.5 us). No shield is needed there: anyio delivers cancellation only to
+  ``loop.call_at`` that cancels the task, like ``asyncio.timeout`` but lighter,
+  armed only if the awaitable suspends at all. No shield is needed there: anyio delivers cancellation only to
   tasks inside one of its cancel scopes, and a native ``task.cancel()`` is not
   stopped by any shield. Whether the task is inside an anyio scope is read from
   anyio's task states; if that private table ever moves, the anyio path is used.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Generator
 from typing import Any, TypeVar
 
 import anyio
@@ -61,19 +61,51 @@ class _Expiry:
         self.task.cancel()
 
 
-async def on_timer(awaitable: Awaitable[T], timeout: float, task: asyncio.Task[Any]) -> T:
-    """Await *awaitable*; cancel *task* natively when *timeout* seconds have passed."""
-    loop = task.get_loop()
-    expiry = _Expiry(task)
-    handle = loop.call_at(loop.time() + timeout, expiry)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if expiry.fired and task.uncancel() == 0:
-            raise DeadlineExpired from None
-        raise
-    finally:
-        handle.cancel()
+class on_timer(Awaitable[T]):  # noqa: N801 - used like a function
+    """Await *awaitable*; cancel *task* natively once *timeout* seconds have passed.
+
+    The timer is armed only if the awaitable suspends: most acquires and
+    releases without I/O finish on their first step and pay nothing. (This lazy
+    start is safe with a native timer; it would not be with a cancel scope, which
+    must be entered before the awaitable opens scopes of its own.)
+    """
+
+    __slots__ = ("_awaitable", "_task", "_timeout")
+
+    def __init__(self, awaitable: Awaitable[T], timeout: float, task: asyncio.Task[Any]) -> None:
+        self._awaitable = awaitable
+        self._timeout = timeout
+        self._task = task
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        it = self._awaitable.__await__()
+        try:
+            signal = it.send(None)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        task = self._task
+        loop = task.get_loop()
+        expiry = _Expiry(task)
+        handle = loop.call_at(loop.time() + self._timeout, expiry)
+        try:
+            while True:
+                try:
+                    sent = yield signal
+                except GeneratorExit:
+                    it.close()
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - forwarded into the awaitable
+                    signal = it.throw(exc)
+                else:
+                    signal = it.send(sent)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if expiry.fired and task.uncancel() == 0:
+                raise DeadlineExpired from None
+            raise
+        finally:
+            handle.cancel()
 
 
 async def guarded(awaitable: Awaitable[T], timeout: float | None, *, shield: bool) -> T:

@@ -217,11 +217,12 @@ class Scope:
                     "declare every resource before the app starts",
                 )
             kwargs = dict(recipe.values) if recipe.values else {}
+            root = self._root
             for pname, dep in recipe.deps:
-                kwargs[pname] = await self.get(dep)
+                held = root._cache.get(dep) if root is not None and dep._override is None else None
+                kwargs[pname] = held.value if held is not None else await self.get(dep)
             for pname, typ in recipe.context:
                 kwargs[pname] = self._context_value(resource, pname, typ)
-            root = self._root
             observer = root._observer if root is not None else None
             if observer is None:
                 await _enter_bounded(lease, kwargs)
@@ -680,8 +681,12 @@ async def _enter_bounded(lease: Lease, kwargs: dict[str, Any]) -> None:
     if timeout is None:
         await _enter(lease, kwargs)
         return
+    task = native_task()
     try:
-        await guarded(_enter(lease, kwargs), timeout, shield=False)
+        if task is not None:
+            await on_timer(_enter(lease, kwargs), timeout, task)
+        else:
+            await guarded(_enter(lease, kwargs), timeout, shield=False)
     except DeadlineExpired:
         raise ResourceBusy(lease.resource.name, timeout) from None
 
