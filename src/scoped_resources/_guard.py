@@ -9,8 +9,9 @@ Two ways, chosen per call:
   ``loop.call_at`` that cancels the task, like ``asyncio.timeout`` but lighter,
   armed only if the awaitable suspends at all. No shield is needed there: anyio
   delivers cancellation only to tasks inside one of its cancel scopes, and a
-  native ``task.cancel()`` is not stopped by any shield. Whether the task is inside an anyio scope is read from
-  anyio's task states; if that private table ever moves, the anyio path is used.
+  native ``task.cancel()`` is not stopped by any shield. Whether the task is
+  inside an anyio scope is read from anyio's task states; if that private table
+  ever moves, the anyio path is used.
 """
 
 from __future__ import annotations
