@@ -23,11 +23,11 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio
-from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from scoped_resources.testing import AppLifespan
 from service import Settings, create_app
 
 BACKENDS = ["embedded", "real"]
@@ -173,25 +173,32 @@ def _engine_for(settings: Settings) -> AsyncEngine:
 
 @asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Running]:
-    """Start an app for *settings* (lifespan and all) and a client talking to it."""
+    """Start an app for *settings* (lifespan and all) and a client talking to it.
+
+    For tests that need settings of their own; the ``service`` fixture uses the
+    plugin's ``app_lifespan`` and ``client`` fixtures instead.
+    """
     app = create_app(settings)
-    async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
-            yield Running(app, client, settings)
+    async with AppLifespan(app) as lifespan, lifespan.client(base_url="http://service") as http:
+        yield Running(app, http, settings)
 
 
 @pytest.fixture
-async def service(settings: Settings) -> AsyncIterator[Running]:
-    """The service on the backend under test, with default settings."""
-    async with running(settings) as svc:
-        yield svc
+def app(settings: Settings) -> FastAPI:
+    """The app under test, for the scoped-resources plugin's fixtures."""
+    return create_app(settings)
 
 
 @pytest.fixture
-async def client(service: Running) -> httpx.AsyncClient:
-    """An HTTP client for :func:`service`."""
-    return service.client
+def service(
+    app: FastAPI, app_lifespan: AppLifespan, client: httpx.AsyncClient, settings: Settings
+) -> Running:
+    """The service on the backend under test, with default settings.
+
+    Its lifespan and client come from the scoped-resources pytest plugin, which
+    also fails the test if a request leaves a scope open.
+    """
+    return Running(app, client, settings)
 
 
 async def scalar(settings: Settings, sql: str, **params: Any) -> Any:
