@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -27,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import asyncpg
 
-from tests.service.processes import LISTENING, ROOT, service_process
+from tests.service.processes import service_process, started_service
 
 #: application_name of every connection the test itself opens.
 PROBE_APP = "sr_faults_probe"
@@ -131,37 +128,8 @@ def owned_service(env: dict[str, str], workdir: Path) -> Iterator[OwnedProcess]:
     signal and read the exit code itself. Killed at the end whatever happened.
     """
     log = workdir / "service.log"
-    full_env = {
-        **os.environ,
-        "PORT": "0",
-        "HOST": "127.0.0.1",
-        "LOG_LEVEL": "info",
-        **env,
-    }
-    extra = os.environ.get("PYTHONPATH")
-    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), extra] if extra else [str(ROOT)])
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            cwd=workdir,
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            match = LISTENING.search(line)
-            if match is None:
-                raise RuntimeError(f"the service did not start: {line!r}\n{log.read_text()}")
-            yield OwnedProcess(proc, match.group(1), log)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+    with started_service(env, log, log_level="info") as (proc, url):
+        yield OwnedProcess(proc, url, log)
 
 
 # -- the database behind the service ---------------------------------------------------

@@ -15,13 +15,19 @@ LISTENING = re.compile(r"listening on (http://\S+) \(API docs: (\S+)\)")
 
 
 @contextmanager
-def service_process(env: dict[str, str], log: Path) -> Iterator[str]:
-    """Start ``python -m service`` on a free port; yield its base URL; stop it after."""
+def started_service(
+    env: dict[str, str], log: Path, *, log_level: str = "warning"
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Start ``python -m service`` on a free port; yield the process and its base URL.
+
+    The caller stops the process (and may first signal it); whatever happened,
+    the process is killed if it is still running when the block ends.
+    """
     full_env = {
         **os.environ,
         "PORT": "0",
         "HOST": "127.0.0.1",
-        "LOG_LEVEL": "warning",
+        "LOG_LEVEL": log_level,
         **env,
     }
     extra = os.environ.get("PYTHONPATH")
@@ -41,16 +47,25 @@ def service_process(env: dict[str, str], log: Path) -> Iterator[str]:
             line = proc.stdout.readline()
             match = LISTENING.search(line)
             if match is None:
-                proc.kill()
-                proc.wait()
                 raise RuntimeError(f"the service did not start: {line!r}\n{log.read_text()}")
-            yield match.group(1)
+            yield proc, match.group(1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+@contextmanager
+def service_process(env: dict[str, str], log: Path) -> Iterator[str]:
+    """Start ``python -m service`` on a free port; yield its base URL; stop it after."""
+    with started_service(env, log) as (proc, url):
+        try:
+            yield url
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
