@@ -315,6 +315,7 @@ class AppScope(Scope):
         "_plan",
         "_reported",
         "_slots",
+        "_sweeper",
         "_tg",
         "_watcher",
     )
@@ -335,6 +336,8 @@ class AppScope(Scope):
         self._leak_after = leak_after
         self._reported: dict[int, Lease] = {}
         self._watcher: anyio.CancelScope | None = None
+        #: The FastAPI integration's request sweeper, while the app serves.
+        self._sweeper: Any = None
         self._root = self
         self._plan = plan
         self._children: set[Scope] = set()

@@ -17,6 +17,7 @@ How a request is served (chosen for cost and for commit-before-respond):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -147,7 +148,7 @@ def _request_dependency(registry: Resources) -> Callable[..., Any]:
         inner = app_scope._child("request", Level.REQUEST, outer, None)
         request_stack.push_async_exit(outer.__aexit__)
         function_stack.push_async_exit(
-            _RequestExit(inner, background_tasks, _Watch.start(request, registry))
+            _RequestExit(inner, background_tasks, _Watch.start(request, registry, app_scope))
         )
         return inner
 
@@ -173,52 +174,70 @@ _NO_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 class _Watch:
     """Cancels the request's task when its client disconnects or its deadline passes.
 
-    Cost is kept off fast requests: the disconnect watcher (a task reading the
-    request's ``receive``) starts only if the request is still running after
-    ``watch_disconnect_after`` seconds; until then it is one timer. It reads
-    ``receive`` only once the body has been read (or there is none), so it never
-    takes body messages from the endpoint. asyncio only.
+    No timer or task per request: the request registers with its app's
+    :class:`_Sweeper`, which ticks a few times per watch period. A request still
+    running after ``watch_disconnect_after`` seconds gets a watcher task reading
+    its ``receive`` (only once the body has been read, or there is none, so it
+    never takes body messages from the endpoint); one past ``request_timeout``
+    is cancelled. asyncio only.
     """
 
-    __slots__ = ("active", "fired", "request", "task", "timeout", "timers", "watcher")
+    __slots__ = (
+        "active",
+        "deadline_at",
+        "fired",
+        "request",
+        "task",
+        "timeout",
+        "watch_at",
+        "watcher",
+    )
 
-    def __init__(self, task: asyncio.Task[Any], request: Request, timeout: float | None) -> None:
+    def __init__(
+        self,
+        task: asyncio.Task[Any],
+        request: Request,
+        watch_at: float | None,
+        timeout: float | None,
+        now: float,
+    ) -> None:
         self.task = task
         self.request = request
         self.timeout = timeout
+        self.watch_at = watch_at
+        self.deadline_at = now + timeout if timeout is not None else None
         self.active = True
         #: Why the task was cancelled: "disconnect", "deadline", or None.
         self.fired: str | None = None
         self.watcher: asyncio.Task[None] | None = None
-        self.timers: list[asyncio.TimerHandle] = []
 
     @classmethod
-    def start(cls, request: Request, registry: Resources) -> _Watch | None:
+    def start(cls, request: Request, registry: Resources, app_scope: AppScope) -> _Watch | None:
+        sweeper: _Sweeper | None = getattr(app_scope, "_sweeper", None)
+        if sweeper is None:
+            return None
         watch_disconnect = registry.cancel_on_disconnect and not getattr(
             request.scope.get("endpoint"), "__scoped_resources_run_to_completion__", False
         )
         timeout = registry.request_timeout
         if not watch_disconnect and timeout is None:
             return None
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): nothing to cancel natively
-            return None
         task = asyncio.current_task()
         if task is None:
             return None
-        watch = cls(task, request, timeout)
-        if watch_disconnect:
-            watch.timers.append(
-                loop.call_later(registry.watch_disconnect_after, watch._start_watcher)
-            )
-        if timeout is not None:
-            watch.timers.append(loop.call_later(timeout, watch._fire, "deadline"))
+        now = sweeper.loop.time()
+        watch_at = now + registry.watch_disconnect_after if watch_disconnect else None
+        watch = cls(task, request, watch_at, timeout, now)
+        sweeper.watches.add(watch)
         return watch
 
-    def _start_watcher(self) -> None:
-        if self.active and _body_done(self.request):
-            self.watcher = self.task.get_loop().create_task(self._wait_for_disconnect())
+    def tick(self, now: float) -> None:
+        if self.deadline_at is not None and now >= self.deadline_at:
+            self._fire("deadline")
+        elif self.watch_at is not None and now >= self.watch_at:
+            self.watch_at = None
+            if _body_done(self.request):
+                self.watcher = self.task.get_loop().create_task(self._wait_for_disconnect())
 
     async def _wait_for_disconnect(self) -> None:
         receive = self.request.receive
@@ -233,12 +252,29 @@ class _Watch:
             self.fired = why
             self.task.cancel()
 
-    def stop(self) -> None:
+    def stop(self, sweeper: _Sweeper | None) -> None:
         self.active = False
+        if sweeper is not None:
+            sweeper.watches.discard(self)
         if self.watcher is not None:
             self.watcher.cancel()
-        for timer in self.timers:
-            timer.cancel()
+
+
+class _Sweeper:
+    """Ticks for every in-flight request of one app: starts watchers, fires deadlines."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self.loop = loop
+        self.tick = tick
+        self.watches: set[_Watch] = set()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            if self.watches:
+                now = self.loop.time()
+                for watch in tuple(self.watches):
+                    watch.tick(now)
 
 
 def _body_done(request: Request) -> bool:
@@ -277,7 +313,9 @@ class _RequestExit:
         watch = self.watch
         fired = None
         if watch is not None:
-            watch.stop()  # from here on nothing cancels the task: releases run in peace
+            # From here on nothing cancels the task: releases run in peace.
+            root = self.scope._root
+            watch.stop(root._sweeper if root is not None else None)
             fired = watch.fired
             if fired is not None and isinstance(exc, asyncio.CancelledError):
                 watch.task.uncancel()
@@ -360,7 +398,10 @@ def lifespan(
     async def run() -> AsyncIterator[dict[str, Any]]:
         registry.plan(context_types=(Request,))
         check_routes(app, registry)
-        async with registry.open(context_types=(Request,)) as app_scope:
+        async with (
+            registry.open(context_types=(Request,)) as app_scope,
+            _sweeping(app_scope, registry),
+        ):
             state: dict[str, Any] = {registry.state_key: app_scope}
             if user_lifespan is None:
                 yield state
@@ -371,6 +412,32 @@ def lifespan(
                 yield state
 
     return run()
+
+
+@asynccontextmanager
+async def _sweeping(app_scope: AppScope, registry: Resources) -> AsyncIterator[None]:
+    """Run the app's request sweeper (asyncio only) while the app is up."""
+    needed = registry.cancel_on_disconnect or registry.request_timeout is not None
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio: requests are not cancelled natively there
+        needed = False
+    if not needed:
+        yield
+        return
+    periods = [registry.watch_disconnect_after]
+    if registry.request_timeout is not None:
+        periods.append(registry.request_timeout)
+    sweeper = _Sweeper(loop, max(min(periods) / 2, 0.005))
+    app_scope._sweeper = sweeper
+    task = loop.create_task(sweeper.run(), name=f"scoped_resources: {registry.name} sweeper")
+    try:
+        yield
+    finally:
+        task.cancel()
+        app_scope._sweeper = None
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def check_routes(app: Any, registry: Resources) -> None:
