@@ -884,7 +884,9 @@ class _ReleaseRun:
         failure.__scoped_resource__ = name  # type: ignore[attr-defined]
         _note(failure, f"while releasing resource {name!r}")
         self.errors.append(failure)
-        self.stopped = lease
+        # Not terminated: the release ran to its end and reported its own error (a
+        # COMMIT refused by a constraint leaves a healthy connection). Terminate
+        # is for releases that did not end: past their deadline, or interrupted.
         lease.state = FAILED
         self._observe(lease, "failed")
 

@@ -35,7 +35,7 @@ from starlette.routing import Mount
 
 from ._resource import Level, Resource
 from ._scope import AppScope, Scope
-from .exceptions import ReleaseFailed, ResourceBusy, ResourceMisuse, ScopeClosed
+from .exceptions import ReleaseFailed, ReleaseTimeout, ResourceBusy, ResourceMisuse, ScopeClosed
 
 if TYPE_CHECKING:
     from fastapi.dependencies.models import Dependant
@@ -327,10 +327,7 @@ class _RequestExit:
         try:
             await self.scope.aclose(outcome)
         except ReleaseFailed as failed:
-            raise HTTPException(
-                status_code=500,
-                detail=f"the request's work could not be completed: {failed}",
-            ) from failed
+            raise _release_failed_http(failed) from failed
         if fired is not None and isinstance(exc, asyncio.CancelledError):
             raise _cancelled_http(fired, watch.timeout if watch else None) from None
         if outcome is not None and outcome is not exc:
@@ -349,6 +346,39 @@ def _cancelled_http(why: str, timeout: float | None) -> HTTPException:
         detail=f"the request did not finish within its {timeout or 0:g} s deadline",
         headers={"Retry-After": "1"},
     )
+
+
+def _release_failed_http(failed: ReleaseFailed) -> HTTPException:
+    """500, or 503 with Retry-After when every failure is a lost connection or a timeout.
+
+    Either way the client gets no 2xx. A COMMIT refused by a constraint is a 500;
+    a connection that dropped (or a release that overran its deadline) while the
+    work was being completed is the service being unavailable: retry later.
+    """
+    if all(_transient(err) for err in failed.exceptions):
+        return HTTPException(
+            status_code=503,
+            detail=f"a resource became unavailable while the request's work was "
+            f"being completed; retry later ({failed})",
+            headers={"Retry-After": "1"},
+        )
+    return HTTPException(
+        status_code=500, detail=f"the request's work could not be completed: {failed}"
+    )
+
+
+def _transient(err: BaseException) -> bool:
+    """A lost connection or a timeout, itself or as the cause of a driver's error."""
+    seen = 0
+    cause: BaseException | None = err
+    while cause is not None and seen < 5:
+        if isinstance(cause, OSError | TimeoutError | ReleaseTimeout) or getattr(
+            cause, "connection_invalidated", False
+        ):
+            return True
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return False
 
 
 def _busy_http(busy: ResourceBusy) -> HTTPException:

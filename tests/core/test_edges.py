@@ -235,10 +235,10 @@ class TestRareReleases:
         def terminate(value: str) -> None:
             raise RuntimeError("cannot even terminate")
 
-        @resources.request(terminate=terminate)
+        @resources.request(release_timeout=0.02, terminate=terminate)
         async def flaky() -> AsyncIterator[str]:
             yield "conn"
-            raise OSError("reset failed")
+            await anyio.sleep_forever()
 
         caplog.set_level(logging.ERROR, "scoped_resources")
         async with resources.open() as app_scope:

@@ -74,7 +74,9 @@ class TestCommitBeforeRespond:
         """When the release fails, the client gets a 5xx answer naming the failure."""
         journal = Journal()
         app, resources = journaled_app(journal)
-        tx = generator_resource(resources, journal, "tx", fail_release=OSError("COMMIT failed"))
+        tx = generator_resource(
+            resources, journal, "tx", fail_release=RuntimeError("COMMIT refused")
+        )
 
         @app.post("/")
         async def endpoint(t: Annotated[str, Use(tx)]) -> dict[str, str]:
@@ -83,6 +85,24 @@ class TestCommitBeforeRespond:
         async with serve(app) as client:
             response = await client.post("/")
         assert response.status_code == 500
+        assert "'tx'" in response.json()["detail"]
+
+    async def test_a_release_that_lost_its_connection_answers_503(self) -> None:
+        """A release failing on a lost connection is the service being unavailable: 503."""
+        journal = Journal()
+        app, resources = journaled_app(journal)
+        tx = generator_resource(
+            resources, journal, "tx", fail_release=ConnectionResetError("server closed")
+        )
+
+        @app.post("/")
+        async def endpoint(t: Annotated[str, Use(tx)]) -> dict[str, str]:
+            return {"stored": t}
+
+        async with serve(app) as client:
+            response = await client.post("/")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
         assert "'tx'" in response.json()["detail"]
 
     async def test_an_http_error_rolls_back(self) -> None:

@@ -309,21 +309,21 @@ class TestFailingReleases:
         assert isinstance(error, ReleaseTimeout)
         assert error.terminated
 
-    async def test_a_failed_release_runs_the_terminate_hook(self) -> None:
-        """A release that raised leaves a half-released instance: it is terminated."""
+    async def test_a_release_that_fails_by_itself_is_not_terminated(self) -> None:
+        """A release that ran to its end and raised is reported, not hard-closed."""
         resources = Resources()
         terminated: list[str] = []
 
         @resources.request(terminate=terminated.append)
-        async def flaky() -> AsyncIterator[str]:
+        async def refused_commit() -> AsyncIterator[str]:
             yield "conn"
-            raise OSError("reset failed")
+            raise OSError("COMMIT refused")
 
         async with resources.open() as app_scope:
             with pytest.raises(ReleaseFailed):
                 async with app_scope.child() as scope:
-                    await scope.get(flaky)
-        assert terminated == ["conn"]
+                    await scope.get(refused_commit)
+        assert terminated == []
 
 
 class TestMisuse:
