@@ -36,6 +36,8 @@ class Plan:
     #: App resources in an order where each comes after what it needs.
     app_order: tuple[Resource[Any], ...]
     context_types: frozenset[type] = field(default_factory=frozenset)
+    #: Whether any resource is held until the response is sent (needs an outer scope).
+    has_response_level: bool = False
 
 
 def marker_resource(obj: object) -> Resource[Any] | None:
@@ -63,6 +65,7 @@ def compile_plan(
         resources=members,
         app_order=tuple(r for r in order if r.level is Level.APP),
         context_types=ctx,
+        has_response_level=any(r.level is Level.RESPONSE for r in members),
     )
 
 

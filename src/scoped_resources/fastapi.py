@@ -144,9 +144,14 @@ def _request_dependency(registry: Resources) -> Callable[..., Any]:
                 "scoped_resources: this FastAPI version exposes no dependency exit "
                 "stacks in the request scope; FastAPI >= 0.121 is required"
             ) from None
-        outer = app_scope._child("request", Level.RESPONSE, app_scope, {Request: request})
-        inner = app_scope._child("request", Level.REQUEST, outer, None)
-        request_stack.push_async_exit(outer.__aexit__)
+        if app_scope._plan.has_response_level:
+            # Resources held until the response is sent live in an outer scope,
+            # closed by FastAPI's request stack after the body and background tasks.
+            outer = app_scope._child("request", Level.RESPONSE, app_scope, {Request: request})
+            request_stack.push_async_exit(outer.__aexit__)
+            inner = app_scope._child("request", Level.REQUEST, outer, None)
+        else:
+            inner = app_scope._child("request", Level.REQUEST, app_scope, {Request: request})
         function_stack.push_async_exit(
             _RequestExit(inner, background_tasks, _Watch.start(request, registry, app_scope))
         )
