@@ -13,7 +13,7 @@ Resources (app-scoped unless noted):
 ``tx`` (request)    a write transaction on that connection, committed before the
                     response: a failing COMMIT is a 500, never a 201 for unstored data
 ``cache``           Redis (``REDIS_URL``) or an in-process TTL dict
-``storage``         makes sure the upload directory exists; pinged for readiness
+``files.directory`` makes sure the upload directory exists; pinged for readiness
 ``files.uploads``   (request) atomic uploads, published only when the request succeeds
 ``http``            the shared ``httpx.AsyncClient`` for ``UPSTREAM_URL``
 ``wakeup``          how a route tells the outbox relay that an event is waiting
@@ -23,10 +23,8 @@ Resources (app-scoped unless noted):
 
 import hmac
 import json
-import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
-from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import anyio
@@ -122,17 +120,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         cache = memory_cache
 
-    async def ping_storage(base: FilePath) -> None:
-        if not await anyio.to_thread.run_sync(os.access, base, os.W_OK | os.X_OK):
-            raise PermissionError(f"the files directory {str(base)!r} is not writable")
-
-    @resources.app(name="storage", ping=ping_storage)
-    async def storage(settings: Settings) -> FilePath:
-        base = FilePath(settings.files_dir)
-        await anyio.Path(base).mkdir(parents=True, exist_ok=True)
-        return base
-
-    files = Files(resources, settings.files_dir, max_upload_bytes=settings.max_upload_bytes)
+    # files.directory makes sure the upload directory exists and pings it for readiness.
+    files = Files(
+        resources, settings.files_dir, name="files", max_upload_bytes=settings.max_upload_bytes
+    )
     http = HTTP(
         resources,
         name="http",

@@ -448,13 +448,15 @@ class AppScope(Scope):
                 else:
                     await _enter_observed(lease, kwargs, self._observer, bounded=False)
                 scope.deadline = math.inf
+                # Held: only shutdown (the stop event) ends it, never a cancellation
+                # from outside, which would leave the instance unreleased.
+                scope.shield = True
                 self._opened(slot, lease)
                 await slot.stop.wait()
                 if lease.exit is None:
                     lease.state = RELEASED
                 else:
-                    # Release under the same scope: shielded, bounded by its own deadline.
-                    scope.shield = True
+                    # Release under the same (shielded) scope, bounded by its own deadline.
                     scope.deadline = _deadline(lease)
                     run.exc = slot.outcome
                     await run.release_from([lease], scope)

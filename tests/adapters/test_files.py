@@ -44,6 +44,20 @@ def _leftovers(base: Path) -> list[str]:
     return sorted(p.name for p in base.rglob("*.part"))
 
 
+class TestDirectory:
+    async def test_the_base_directory_is_made_and_pinged(self, tmp_path: Path) -> None:
+        """Start-up makes the base directory; readiness fails once it is gone."""
+        resources = Resources("t")
+        target = tmp_path / "made" / "here"
+        Files(resources, target)
+        async with resources.open() as app_scope:
+            assert target.is_dir()
+            assert await app_scope.ping(timeout=2) == {"files.directory": None}
+            target.rmdir()
+            result = await app_scope.ping(timeout=2)
+        assert isinstance(result["files.directory"], PermissionError)
+
+
 class TestConfinement:
     @pytest.mark.parametrize(
         ("path", "problem"),

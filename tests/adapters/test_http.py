@@ -123,6 +123,28 @@ class TestLifecycle:
         assert "hunter2" not in repr(http)
 
 
+class TestPing:
+    async def test_ping_answers_for_a_live_upstream(self, upstream: Upstream) -> None:
+        """With ping_url, readiness GETs it; a live upstream is ready."""
+        resources = Resources("t")
+        HTTP(resources, base_url=f"http://127.0.0.1:{upstream.port}", ping_url="/")
+        async with resources.open() as app_scope:
+            assert await app_scope.ping(timeout=2) == {"http": None}
+
+    async def test_ping_fails_when_the_upstream_is_gone(self, unaccepting_port: int) -> None:
+        """An upstream that does not answer fails the ping (within its timeout)."""
+        resources = Resources("t")
+        HTTP(
+            resources,
+            base_url=f"http://127.0.0.1:{unaccepting_port}",
+            ping_url="/",
+            ping_timeout=0.2,
+        )
+        async with resources.open() as app_scope:
+            result = await app_scope.ping(timeout=2)
+        assert result["http"] is not None
+
+
 class TestAcquireTimeout:
     async def test_all_slots_busy_raises_resource_busy(self, upstream: Upstream) -> None:
         """A request that waits longer than acquire_timeout for a slot raises ResourceBusy."""

@@ -327,3 +327,31 @@ class TestAppScopeAsParameter:
 
         with pytest.raises(ResourceMisuse, match="'per_request'.*Request"):
             resources.plan(context_types=(Request,))
+
+
+class TestOuterCancellation:
+    """Cancelling the task that holds the app scope still releases every app resource."""
+
+    async def test_a_cancelled_owner_task_releases_app_resources(self) -> None:
+        """The app resources are released in order, and nothing hangs."""
+        resources = Resources()
+        journal = Journal()
+        generator_resource(resources, journal, "pool", scope="app")
+        opened = anyio.Event()
+
+        async def serve() -> None:
+            async with resources.open():
+                opened.set()
+                await anyio.sleep_forever()
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve)
+                await opened.wait()
+                tg.cancel_scope.cancel()
+        assert journal.events[0] == "acquire pool"
+        assert journal.events[1] in {
+            "release pool after Cancelled",
+            "release pool after CancelledError",
+        }
+        assert journal.open == set()

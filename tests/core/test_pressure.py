@@ -168,7 +168,6 @@ class TestAbandonedRequests:
                     app.state.finish.set()
         assert journal.events[-1] == "release tx"
 
-
     async def test_fast_requests_are_not_watched(self) -> None:
         """Before watch_disconnect_after no watcher runs, so a fast request pays no task."""
         journal, started = Journal(), anyio.Event()

@@ -24,7 +24,7 @@ class TestProbes:
         assert response.status_code == 200, response.text
         checks = response.json()["checks"]
         assert checks["db.engine"] == "ok"
-        assert checks["storage"] == "ok"
+        assert checks["files.directory"] == "ok"
         if service.settings.redis_url:
             assert checks["redis"] == "ok"
         if service.settings.amqp_url:
@@ -37,7 +37,7 @@ class TestProbes:
         response = await service.client.get("/readyz")
         assert response.status_code == 503
         assert response.headers["content-type"] == PROBLEM
-        assert response.json()["detail"] == "not ready: storage"
+        assert response.json()["detail"] == "not ready: files.directory"
 
 
 class TestUsers:

@@ -98,6 +98,14 @@ class Files:
                 raise
             await owner.commit()
 
+        async def directory() -> Path:
+            await anyio.Path(self.base_dir).mkdir(parents=True, exist_ok=True)
+            return self.base_dir
+
+        #: The base directory (app): made at start-up, pinged for readiness.
+        self.directory: Resource[Path] = resources.app(name=f"{name}.directory", ping=_ping)(
+            directory
+        )
         self.handles: Resource[FileHandles] = resources.request(
             name=f"{name}.handles", release_timeout=release_timeout, terminate=_abandon
         )(handles)
@@ -222,3 +230,10 @@ async def _abandon(owner: FileHandles | Uploads) -> None:
         owner._pending.clear()
     else:
         owner._open.clear()
+
+
+async def _ping(base_dir: Path) -> None:
+    """Readiness: the base directory exists and the app can write in it."""
+    writable = await anyio.to_thread.run_sync(os.access, base_dir, os.W_OK | os.X_OK)
+    if not writable:
+        raise PermissionError(f"the files directory {str(base_dir)!r} is missing or not writable")

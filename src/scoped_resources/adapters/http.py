@@ -154,9 +154,13 @@ class HTTP:
         acquire_timeout: float = 5.0,
         release_timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        ping_url: str | None = None,
+        ping_timeout: float = 2.0,
         **client_kwargs: Any,
     ) -> None:
         self.name = name
+        self.ping_url = ping_url
+        self.ping_timeout = ping_timeout
         self.base_url = base_url
         self.max_connections = max_connections
         self.timeout = timeout
@@ -165,8 +169,19 @@ class HTTP:
         self._transport = transport
         self._client_kwargs = client_kwargs
         self.client: Resource[httpx.AsyncClient] = resources.app(
-            name=name, release_timeout=release_timeout, terminate=_terminate
+            name=name, release_timeout=release_timeout, terminate=_terminate, ping=self._ping
         )(self._open_client)
+
+    async def _ping(self, client: httpx.AsyncClient) -> None:
+        """Readiness: the client is open and, with *ping_url*, that URL answers below 500."""
+        if client.is_closed:
+            raise RuntimeError(f"HTTP client {self.name!r} is closed")
+        if self.ping_url is None:
+            return
+        with anyio.fail_after(self.ping_timeout):
+            response = await client.get(self.ping_url)
+        if response.status_code >= 500:
+            raise ConnectionError(f"{redact(str(response.url))} answered {response.status_code}")
 
     def __repr__(self) -> str:
         base = redact(self.base_url) if self.base_url else "no base_url"
