@@ -279,7 +279,11 @@ class _Sweeper:
             if self.watches:
                 now = self.loop.time()
                 for watch in tuple(self.watches):
-                    watch.tick(now)
+                    try:
+                        watch.tick(now)
+                    except Exception:  # one request's trouble must not stop the sweeper
+                        logger.exception("scoped_resources: watching a request failed")
+                        self.watches.discard(watch)
 
 
 def _body_done(request: Request) -> bool:

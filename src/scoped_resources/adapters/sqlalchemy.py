@@ -25,7 +25,11 @@ every one                          errors name the resource; the URL password ne
                                    a query is cancelled (SQLAlchemy then drops the socket)
 =================================  ==============================================================
 
-Works with ``postgresql+asyncpg://`` and ``sqlite+aiosqlite:///path``. Connections
+Works with ``postgresql+asyncpg://`` and ``sqlite+aiosqlite:///path``. On
+PostgreSQL it sets ``client_connection_check_interval=1000`` (ms) on its
+connections unless given: a cancelled query's socket is dropped by SQLAlchemy,
+and this makes the server stop the query within a second instead of running it
+(or waiting on a lock) to its end. Connections
 are checked with ``pool_pre_ping`` on checkout (pass ``pool_pre_ping=False`` to
 skip the round trip), so connections that died with the server are replaced.
 """
@@ -76,6 +80,13 @@ class SQLAlchemy:
         self.ping_timeout = ping_timeout
         self.expire_on_commit = expire_on_commit
         engine_kwargs.setdefault("pool_pre_ping", True)
+        if url.startswith("postgresql+asyncpg"):
+            # SQLAlchemy drops the socket of a cancelled query instead of cancelling it
+            # on the server; PostgreSQL (14+) then notices the lost client within a
+            # second even while the query waits on a lock, and stops it.
+            connect_args = engine_kwargs.setdefault("connect_args", {})
+            settings = connect_args.setdefault("server_settings", {})
+            settings.setdefault("client_connection_check_interval", "1000")
         self._engine_kwargs = {
             "pool_size": pool_size,
             "max_overflow": max_overflow,
