@@ -1,9 +1,9 @@
-"""Run an awaitable under a deadline (and a shield), and tell when the deadline hit.
+"""Bound an awaitable by a deadline, and tell when the deadline hit.
 
-Two ways, chosen per call:
+Two ways, chosen per call (releases use the same two, with a shield, in ``_scope``):
 
-* **anyio cancel scope** (any backend): a ``CancelScope`` with the deadline and the
-  shield, entered before the awaitable takes its first step, so that cancel scopes
+* **anyio cancel scope** (any backend): a ``CancelScope`` with the deadline,
+  entered before the awaitable takes its first step, so that cancel scopes
   the awaitable opens nest inside it. About 8 us on asyncio.
 * **native timer** (asyncio, when the task is inside no anyio cancel scope): a
   ``loop.call_at`` that cancels the task, like ``asyncio.timeout`` but lighter,
@@ -17,7 +17,6 @@ Two ways, chosen per call:
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Awaitable, Generator
 from typing import Any, TypeVar
 
@@ -109,17 +108,20 @@ class on_timer(Awaitable[T]):  # noqa: N801 - used like a function
             handle.cancel()
 
 
-async def guarded(awaitable: Awaitable[T], timeout: float | None, *, shield: bool) -> T:
-    """Await *awaitable* within *timeout* seconds, optionally shielded from outside."""
+def bounded(awaitable: Awaitable[T], timeout: float) -> Awaitable[T]:
+    """*awaitable* bounded by *timeout* seconds; :class:`DeadlineExpired` past it.
+
+    On a native timer when no anyio cancel scope can reach the task, else under an
+    anyio cancel scope entered before the awaitable's first step.
+    """
     task = native_task()
     if task is not None:
-        if timeout is None:
-            return await awaitable
-        return await on_timer(awaitable, timeout, task)
-    if timeout is None and not shield:
-        return await awaitable
-    deadline = anyio.current_time() + timeout if timeout is not None else math.inf
-    with anyio.CancelScope(deadline=deadline, shield=shield) as scope:
+        return on_timer(awaitable, timeout, task)
+    return _in_cancel_scope(awaitable, timeout)
+
+
+async def _in_cancel_scope(awaitable: Awaitable[T], timeout: float) -> T:
+    with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
         return await awaitable
     # Only reached when our own deadline cancelled the awaitable.
     assert scope.cancelled_caught

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from ._guard import DeadlineExpired, guarded, native_task, on_timer
+from ._guard import DeadlineExpired, bounded, native_task, on_timer
 from ._observe import Observer
 from ._plan import Plan, Recipe
 from ._resource import Kind, Level, Resource
@@ -686,12 +686,8 @@ async def _enter_bounded(lease: Lease, kwargs: dict[str, Any]) -> None:
     if timeout is None:
         await _enter(lease, kwargs)
         return
-    task = native_task()
     try:
-        if task is not None:
-            await on_timer(_enter(lease, kwargs), timeout, task)
-        else:
-            await guarded(_enter(lease, kwargs), timeout, shield=False)
+        await bounded(_enter(lease, kwargs), timeout)
     except DeadlineExpired:
         raise ResourceBusy(lease.resource.name, timeout) from None
 
