@@ -126,13 +126,7 @@ class TestAbandonedRequests:
         """The handler is cancelled and the transaction sees the cancellation."""
         journal, resources, started = Journal(), Resources(), anyio.Event()
         app = slow_app(journal, resources, started)
-        async with LifespanManager(app) as manager:
-            exchange = Exchange(method, "/slow", body)
-            with anyio.fail_after(5):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(run, app, exchange, manager._state)
-                    await started.wait()
-                    exchange.gone.set()
+        exchange = await disconnect_during(app, Exchange(method, "/slow", body), started)
         assert journal.events == ["acquire tx", "release tx after CancelledError"]
         assert exchange.status == 499
 
@@ -140,15 +134,7 @@ class TestAbandonedRequests:
         """A route marked run_to_completion finishes and commits."""
         journal, resources, started = Journal(), Resources(), anyio.Event()
         app = slow_app(journal, resources, started)
-        async with LifespanManager(app) as manager:
-            exchange = Exchange("GET", "/important")
-            with anyio.fail_after(5):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(run, app, exchange, manager._state)
-                    await started.wait()
-                    exchange.gone.set()
-                    await anyio.wait_all_tasks_blocked()
-                    app.state.finish.set()
+        exchange = await disconnect_during(app, Exchange("GET", "/important"), started, hold=0.2)
         assert journal.events == ["acquire tx", "finished anyway", "release tx"]
         assert exchange.status == 200
 
@@ -157,33 +143,36 @@ class TestAbandonedRequests:
         journal, started = Journal(), anyio.Event()
         resources = Resources(cancel_on_disconnect=False)
         app = slow_app(journal, resources, started)
-        async with LifespanManager(app) as manager:
-            exchange = Exchange("GET", "/important")
-            with anyio.fail_after(5):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(run, app, exchange, manager._state)
-                    await started.wait()
-                    exchange.gone.set()
-                    await anyio.wait_all_tasks_blocked()
-                    app.state.finish.set()
-        assert journal.events[-1] == "release tx"
+        await disconnect_during(app, Exchange("GET", "/finishable"), started, hold=0.2)
+        assert journal.events[-2:] == ["finished anyway", "release tx"]
 
     async def test_fast_requests_are_not_watched(self) -> None:
         """Before watch_disconnect_after no watcher runs, so a fast request pays no task."""
         journal, started = Journal(), anyio.Event()
         resources = Resources(watch_disconnect_after=60)
         app = slow_app(journal, resources, started)
-        async with LifespanManager(app) as manager:
-            exchange = Exchange("GET", "/finishable")
-            with anyio.fail_after(5):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(run, app, exchange, manager._state)
-                    await started.wait()
-                    exchange.gone.set()
-                    # Longer than the default watch delay: only the 60 s delay keeps it alive.
-                    await anyio.sleep(0.2)
-                    app.state.finish.set()
+        await disconnect_during(app, Exchange("GET", "/finishable"), started, hold=0.2)
         assert journal.events[-2:] == ["finished anyway", "release tx"]
+
+
+async def disconnect_during(
+    app: FastAPI, exchange: Exchange, started: anyio.Event, *, hold: float | None = None
+) -> Exchange:
+    """Run *exchange*; once its handler started, the client goes away.
+
+    With *hold*, the handler is let finish that many seconds later: longer than the
+    default 50 ms watch delay, so only a request that is not watched survives.
+    """
+    async with LifespanManager(app) as manager:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, app, exchange, manager._state)
+                await started.wait()
+                exchange.gone.set()
+                if hold is not None:
+                    await anyio.sleep(hold)
+                    app.state.finish.set()
+    return exchange
 
 
 class TestRequestDeadline:
