@@ -456,3 +456,45 @@ class TestObservers:
             "scoped_resources.terminations",
             "scoped_resources.leases.in_use",
         } <= metrics
+
+
+class TestSweeper:
+    """The per-app sweeper keeps watching even when one request's check fails."""
+
+    async def test_a_failing_check_is_logged_and_the_next_request_is_watched(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """One broken tick drops that watch only; a later disconnect still cancels."""
+        import scoped_resources.fastapi as integration
+
+        real_body_done = integration._body_done
+        calls = 0
+
+        def broken_once(request: Any) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("broken check")
+            return real_body_done(request)
+
+        monkeypatch.setattr(integration, "_body_done", broken_once)
+        journal, resources = Journal(), Resources()
+        first_started = anyio.Event()
+        app = slow_app(journal, resources, first_started)
+        async with LifespanManager(app) as manager:
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    first = Exchange("GET", "/finishable")
+                    tg.start_soon(run, app, first, manager._state)
+                    await first_started.wait()
+                    first.gone.set()
+                    await anyio.sleep(0.2)  # its watch broke: it is not cancelled
+                    app.state.finish.set()
+            second = Exchange("GET", "/slow")
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(run, app, second, manager._state)
+                    await anyio.sleep(0.01)
+                    second.gone.set()
+        assert "watching a request failed" in caplog.text
+        assert second.status == 499
