@@ -137,7 +137,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Wakeup()
 
     if settings.amqp_url and settings.outbox_relay:
-        broker = RabbitMQ(resources, settings.amqp_url, name="rabbitmq", channels=4)
+        # Reconnect every second (aio-pika's default is 5 s): events flow again soon
+        # after the broker returns.
+        broker = RabbitMQ(
+            resources, settings.amqp_url, name="rabbitmq", channels=4, reconnect_interval=1.0
+        )
 
         async def ping_relay(relay: OutboxRelay) -> None:
             if not relay.running:
@@ -156,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 wake,
                 exchange=settings.events_exchange,
                 poll_seconds=settings.outbox_poll_seconds,
+                linger_seconds=settings.outbox_linger_seconds,
             )
             async with relay:
                 yield relay

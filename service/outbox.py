@@ -2,12 +2,24 @@
 and a relay publishes them to RabbitMQ afterwards.
 
 * A route writes the event row in the same transaction as the item, so an item
-  rolled back publishes nothing and an item committed always has its event.
-* The relay publishes unsent rows with publisher confirms and marks them sent in
-  the transaction that selected them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so
-  replicas share the work). A crash after the publish and before that commit
-  publishes the row again: delivery is at least once, and every copy carries the
-  row's id as ``message_id`` for consumers to de-duplicate.
+  rolled back publishes nothing and an item committed always has its event. The
+  row's id, made at INSERT time, is the event id: every copy of the event carries
+  it as ``message_id``.
+* The relay claims a batch of unsent rows with ``SELECT ... FOR UPDATE SKIP
+  LOCKED`` in a transaction, publishes them with publisher confirms and marks them
+  sent in that same transaction. Rows claimed by one replica's relay are locked
+  until it commits (or dies, when PostgreSQL rolls its transaction back), so two
+  relays never publish the same row at the same time; the other relay skips them
+  instead of waiting.
+* A crash after the COMMIT of the item and before the publish leaves the row
+  unsent: the next relay to look (another replica's, or this one's after a
+  restart) publishes it. A crash after the publish and before the "sent" mark
+  publishes it again: delivery is at least once, and consumers de-duplicate by
+  ``message_id``.
+* When the broker (or the database) is unavailable, the relay keeps the events
+  in the table and retries with a capped exponential backoff. It logs one warning
+  when publishing starts failing and one when it works again, never one per
+  attempt; the routes keep committing items meanwhile.
 """
 
 from __future__ import annotations
@@ -15,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractExchange
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -33,6 +48,9 @@ from .tables import outbox
 logger = logging.getLogger("service.outbox")
 
 ITEM_CREATED = "item.created"
+#: First and longest pause between two attempts while publishing fails.
+RETRY_FIRST = 0.2
+RETRY_MAX = 5.0
 
 
 async def add_event(conn: AsyncConnection, topic: str, payload: dict[str, Any]) -> str:
@@ -49,8 +67,19 @@ async def add_event(conn: AsyncConnection, topic: str, payload: dict[str, Any]) 
     return event_id
 
 
+def default_relay_name() -> str:
+    """``host:pid``: which process published an event (the messages' ``app_id``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class OutboxRelay:
-    """Publishes unsent outbox rows in a task of its own until closed."""
+    """Publishes unsent outbox rows in a task of its own until closed.
+
+    *linger_seconds* is how long the relay waits after a wake-up before it
+    publishes, so that events committed close together leave in one batch.
+    *publish_timeout* bounds each publish (the broker's confirm included).
+    Every message carries *name* as its ``app_id``.
+    """
 
     def __init__(
         self,
@@ -61,6 +90,9 @@ class OutboxRelay:
         exchange: str,
         poll_seconds: float,
         batch: int = 100,
+        linger_seconds: float = 0.0,
+        publish_timeout: float = 5.0,
+        name: str | None = None,
     ) -> None:
         self._engine = engine
         self._channels = channels
@@ -68,10 +100,16 @@ class OutboxRelay:
         self._exchange_name = exchange
         self._poll = poll_seconds
         self._batch = batch
+        self._linger = linger_seconds
+        self._publish_timeout = publish_timeout
+        self.name = name or default_relay_name()
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._stop = asyncio.Event()
+        self._failing_since: float | None = None
         #: Events published by this relay (for tests and metrics).
         self.published = 0
+        #: Outages seen (publishing failed, then worked again or the relay stopped).
+        self.outages = 0
         self.last_error: BaseException | None = None
 
     async def __aenter__(self) -> OutboxRelay:
@@ -85,7 +123,7 @@ class OutboxRelay:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._stopping = True
+        self._stop.set()
         self._wakeup.set()
         task = self._task
         if task is None:
@@ -101,28 +139,80 @@ class OutboxRelay:
         """True while the relay's task is alive."""
         return self._task is not None and not self._task.done()
 
-    async def _declare(self, channel: aio_pika.abc.AbstractChannel) -> AbstractExchange:
+    @property
+    def failing(self) -> bool:
+        """True while publishing fails (an outage of the broker or the database)."""
+        return self._failing_since is not None
+
+    async def _declare(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(
             self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
         )
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep *seconds*, or less when the relay is being stopped (not woken by routes)."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            return
+
     async def _run(self) -> None:
-        backoff = 0.1
-        while not self._stopping:
+        retry = RETRY_FIRST
+        while not self._stop.is_set():
             try:
                 sent = await self.relay_once()
-            except Exception as exc:  # noqa: BLE001 - logged; the relay must outlive an outage
-                self.last_error = exc
-                logger.warning("outbox relay: publishing failed, retrying: %s", exc)
-                await self._wakeup.wait(backoff)
-                backoff = min(backoff * 2, self._poll)
+            except Exception as exc:  # noqa: BLE001 - logged once; the relay must outlive an outage
+                self._failed(exc)
+                # Not woken by new events: during an outage every POST would retry at once.
+                await self._pause(retry)
+                retry = min(retry * 2, RETRY_MAX)
                 continue
-            backoff = 0.1
+            self._recovered()
+            retry = RETRY_FIRST
             if sent < self._batch:
                 await self._wakeup.wait(self._poll)
+                if self._linger and not self._stop.is_set():
+                    await self._pause(self._linger)
+        if self._failing_since is not None:
+            self.outages += 1
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error = exc
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            logger.warning(
+                "outbox relay %s: cannot publish events (%s: %s); they stay in the outbox,"
+                " retrying every %.0f s at most",
+                self.name,
+                type(exc).__name__,
+                exc,
+                RETRY_MAX,
+            )
+
+    def _recovered(self) -> None:
+        if self._failing_since is None:
+            return
+        lasted = time.monotonic() - self._failing_since
+        self._failing_since = None
+        self.outages += 1
+        logger.warning("outbox relay %s: publishing again after %.1f s", self.name, lasted)
 
     async def relay_once(self) -> int:
         """Publish one batch of unsent events and mark them sent; return how many."""
+        # The channel first: while the broker is away this waits without holding a
+        # database connection or row locks.
+        channel = await self._channels.acquire()
+        ok = False
+        try:
+            exchange = await self._declare(channel)
+            sent = await self._publish_batch(exchange)
+            ok = True
+        finally:
+            await self._channels.release(channel, reuse=ok)
+        self.published += sent
+        return sent
+
+    async def _publish_batch(self, exchange: AbstractExchange) -> int:
         async with self._engine.connect() as conn:
             await write_connection(conn)
             async with conn.begin():
@@ -137,28 +227,22 @@ class OutboxRelay:
                 ).all()
                 if not rows:
                     return 0
-                channel = await self._channels.acquire()
-                ok = False
-                try:
-                    exchange = await self._declare(channel)
-                    for row in rows:
-                        await exchange.publish(
-                            aio_pika.Message(
-                                row.payload.encode(),
-                                message_id=row.id,
-                                type=row.topic,
-                                content_type="application/json",
-                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            ),
-                            routing_key=row.topic,
-                        )
-                    ok = True
-                finally:
-                    await self._channels.release(channel, reuse=ok)
+                for row in rows:
+                    await exchange.publish(
+                        aio_pika.Message(
+                            row.payload.encode(),
+                            message_id=row.id,
+                            type=row.topic,
+                            app_id=self.name,
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        ),
+                        routing_key=row.topic,
+                        timeout=self._publish_timeout,
+                    )
                 await conn.execute(
                     update(outbox)
                     .where(outbox.c.id.in_([row.id for row in rows]))
                     .values(sent_at=datetime.now(UTC))
                 )
-        self.published += len(rows)
         return len(rows)

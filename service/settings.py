@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         description="With AMQP_URL: run the outbox relay here (false: another process does).",
     )
     outbox_poll_seconds: float = Field(default=2.0, gt=0, le=3600)
+    outbox_linger_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        description="After a wake-up the relay waits this long, so events leave in batches.",
+    )
     upstream_timeout: float = Field(default=5.0, gt=0, le=300)
     ready_timeout: float = Field(default=2.0, gt=0, le=60)
     request_timeout: float = Field(
