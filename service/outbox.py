@@ -19,7 +19,8 @@ and a relay publishes them to RabbitMQ afterwards.
 * When the broker (or the database) is unavailable, the relay keeps the events
   in the table and retries with a capped exponential backoff. It logs one warning
   when publishing starts failing and one when it works again, never one per
-  attempt; the routes keep committing items meanwhile.
+  attempt (the broker client's own per-attempt messages are demoted to DEBUG);
+  the routes keep committing items meanwhile.
 """
 
 from __future__ import annotations
@@ -72,6 +73,45 @@ def default_relay_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class _ReconnectNoise(logging.Filter):
+    """Demotes the broker client's per-attempt reconnect messages to DEBUG.
+
+    aiormq and aio-pika log an ERROR (one with a traceback) when the broker
+    closes the connection, and two lines per reconnect attempt; the relay already
+    reports the outage once when it starts and once when it ends. Handlers that
+    show DEBUG still get every record.
+    """
+
+    _MESSAGES = (
+        "error when creating transport",
+        "Unexpected connection close from remote",
+        "Cancelling cause reader exited abnormally",
+        "Connection attempt to",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        reconnect = message.startswith(self._MESSAGES) or (
+            message.startswith("Callback %r error")
+            and isinstance(record.args, tuple)
+            and "RobustChannel._on_close" in repr(record.args[0])
+        )
+        if reconnect and record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_RECONNECT_LOGGERS = ("aiormq.connection", "aio_pika.robust_connection", "aio_pika.tools")
+
+
+def quiet_broker_reconnects() -> None:
+    """Install :class:`_ReconnectNoise` on the broker client's loggers (once)."""
+    for name in _RECONNECT_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _ReconnectNoise) for f in target.filters):
+            target.addFilter(_ReconnectNoise())
+
+
 class OutboxRelay:
     """Publishes unsent outbox rows in a task of its own until closed.
 
@@ -113,6 +153,7 @@ class OutboxRelay:
         self.last_error: BaseException | None = None
 
     async def __aenter__(self) -> OutboxRelay:
+        quiet_broker_reconnects()
         # Declare the exchange once up front: a broker that refuses it fails start-up.
         channel = await self._channels.acquire()
         try:
@@ -227,19 +268,24 @@ class OutboxRelay:
                 ).all()
                 if not rows:
                     return 0
-                for row in rows:
-                    await exchange.publish(
-                        aio_pika.Message(
-                            row.payload.encode(),
-                            message_id=row.id,
-                            type=row.topic,
-                            app_id=self.name,
-                            content_type="application/json",
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        ),
-                        routing_key=row.topic,
-                        timeout=self._publish_timeout,
-                    )
+                # All at once: the broker's confirms come back pipelined, not one
+                # round trip per event. One failure cancels the rest and rolls back.
+                async with asyncio.TaskGroup() as publishing:
+                    for row in rows:
+                        publishing.create_task(
+                            exchange.publish(
+                                aio_pika.Message(
+                                    row.payload.encode(),
+                                    message_id=row.id,
+                                    type=row.topic,
+                                    app_id=self.name,
+                                    content_type="application/json",
+                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                ),
+                                routing_key=row.topic,
+                                timeout=self._publish_timeout,
+                            )
+                        )
                 await conn.execute(
                     update(outbox)
                     .where(outbox.c.id.in_([row.id for row in rows]))
