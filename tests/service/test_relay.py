@@ -1,8 +1,11 @@
-"""Two outbox relays on one PostgreSQL table (two replicas) never publish the same row."""
+"""The outbox relay on PostgreSQL and RabbitMQ: two relays on one table (two replicas) never
+publish the same row, and a relay rides out a broker outage with one line in the log each way.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 
@@ -13,11 +16,17 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scoped_resources.adapters.rabbitmq import ChannelPool
-from scoped_resources.testing import TempPostgres, create_postgres_database, drop_postgres_database
+from scoped_resources.testing import (
+    TcpProxy,
+    TempPostgres,
+    create_postgres_database,
+    drop_postgres_database,
+)
 from service import Settings
 from service.database import make_engine, migrate, write_connection
 from service.outbox import ITEM_CREATED, OutboxRelay, add_event
 from service.signals import Wakeup
+from service.tables import outbox
 from tests.faults._events import EventQueue, event_queue
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -168,3 +177,75 @@ class TestTwoRelays:
 
         assert first.ids == ids - held
         assert second.ids == held
+
+
+class TestBrokerOutage:
+    async def test_relay_publishes_everything_after_an_outage_and_logs_it_once_each_way(
+        self,
+        database: TempPostgres,
+        amqp_url: str,
+        queue: EventQueue,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Events written while the broker is cut off are published once it is back; two lines."""
+        caplog.set_level(logging.DEBUG)
+        port = int(amqp_url.rsplit(":", 1)[1].split("/", 1)[0])
+        engine = _engine(database.dsn)
+        ids: set[str] = set()
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(engine.dispose)
+            proxy = await stack.enter_async_context(TcpProxy("127.0.0.1", port))
+            url = amqp_url.replace(f":{port}", f":{proxy.port}", 1)
+            conn = await aio_pika.connect_robust(url, reconnect_interval=0.2)
+            stack.push_async_callback(conn.close)
+            channels = ChannelPool(
+                conn,
+                name="outage.channel",
+                size=2,
+                acquire_timeout=0.5,
+                publisher_confirms=True,
+                close_timeout=1,
+            )
+            stack.push_async_callback(channels.aclose)
+            wakeup = Wakeup()
+            relay = OutboxRelay(
+                engine, channels, wakeup, exchange=queue.exchange, poll_seconds=0.2, name="r"
+            )
+            await stack.enter_async_context(relay)
+
+            async def write(count: int) -> None:
+                for _ in range(count):
+                    ids.update(await _write_events(database.dsn, 5))
+                    wakeup.set()
+                    await anyio.sleep(0.05)  # a trickle of writes, as routes make them
+
+            await write(4)
+            proxy.cut()
+            await write(20)  # ~1 s of events, every wake-up a chance to retry at once
+            assert relay.failing, "the relay did not notice the broker was gone"
+            proxy.restore()
+            with anyio.fail_after(15):
+                while await _unsent(engine):
+                    await anyio.sleep(0.05)  # the relay is a task of its own: watch its effect
+            assert relay.running
+            outages = relay.outages
+        delivered = await queue.drain()
+
+        assert delivered.ids == ids
+        assert outages == 1
+        relay_lines = [r.getMessage() for r in caplog.records if r.name == "service.outbox"]
+        assert len(relay_lines) == 2, relay_lines
+        assert "cannot publish events" in relay_lines[0]
+        assert "publishing again" in relay_lines[1]
+        loud = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name.startswith(("aiormq", "aio_pika")) and r.levelno >= logging.WARNING
+        ]
+        assert loud == [], loud
+
+
+async def _unsent(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        rows = await conn.execute(outbox.select().where(outbox.c.sent_at.is_(None)))
+        return len(rows.all())
