@@ -118,18 +118,37 @@ class StartupFailed(ScopedResourcesError):
 class ResourceBusy(ScopedResourcesError):
     """Raised when acquiring a resource takes longer than its deadline.
 
-    The FastAPI integration answers 503 with a ``Retry-After`` header.
+    Also raised at once, before the deadline, when a pooled adapter predicts that
+    the wait cannot end in time (``expected_wait`` then holds that prediction, in
+    seconds). The FastAPI integration answers 503 with a ``Retry-After`` header
+    of ``retry_after`` seconds.
     """
 
-    def __init__(self, resource: str, waited: float, retry_after: float = 1.0) -> None:
+    def __init__(
+        self,
+        resource: str,
+        waited: float,
+        retry_after: float = 1.0,
+        *,
+        expected_wait: float | None = None,
+    ) -> None:
         self.resource = resource
         self.waited = waited
         self.retry_after = retry_after
-        super().__init__(
-            f"resource {resource!r} could not be acquired within {waited:g} s; "
-            "it is exhausted or slow: retry later, or raise its acquire_timeout "
-            "or its pool size"
-        )
+        self.expected_wait = expected_wait
+        if expected_wait is None:
+            message = (
+                f"resource {resource!r} could not be acquired within {waited:g} s; "
+                "it is exhausted or slow: retry later, or raise its acquire_timeout "
+                "or its pool size"
+            )
+        else:
+            message = (
+                f"resource {resource!r} refused after {waited:g} s: its pool is "
+                f"exhausted and the expected wait ({expected_wait:.3g} s) exceeds the "
+                f"time left; retry after {retry_after:g} s, or raise its pool size"
+            )
+        super().__init__(message)
 
 
 class ScopeClosed(ScopedResourcesError, RuntimeError):

@@ -39,6 +39,7 @@ from .._registry import Resources
 from .._resource import Resource
 from ..fastapi import Use
 from ._common import redact
+from ._gate import Gate
 
 __all__ = ["Postgres"]
 
@@ -49,7 +50,9 @@ class Postgres:
     Resource names are ``f"{name}.pool"``, ``f"{name}.connection"`` and
     ``f"{name}.transaction"``. *statement_cache_size* ``=0`` is needed behind
     PgBouncer in transaction mode; other keyword arguments go to
-    ``asyncpg.create_pool``.
+    ``asyncpg.create_pool``. Leases pass :attr:`gate` (capacity *max_size*):
+    served in arrival order, refused at once (503) when the predicted wait exceeds
+    *acquire_timeout*; ``shed=False`` refuses only at the deadline.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class Postgres:
         close_timeout: float = 10.0,
         statement_cache_size: int | None = None,
         ping_timeout: float = 2.0,
+        shed: bool = True,
         **connect_kwargs: Any,
     ) -> None:
         self.name = name
@@ -77,6 +81,9 @@ class Postgres:
             connect_kwargs["statement_cache_size"] = statement_cache_size
         self._connect_kwargs = connect_kwargs
         self._secrets = _secrets(dsn, connect_kwargs.get("password"))
+        #: Admission to the pool: arrival order, and a refusal at once when the wait
+        #: cannot end within the acquire deadline (``shed=False``: deadline only).
+        self.gate = Gate(f"{name}.connection", max_size, timeout=acquire_timeout, shed=shed)
 
         self.pool: Resource[Any] = resources.app(
             name=f"{name}.pool",
@@ -88,13 +95,21 @@ class Postgres:
         async def connection(
             pool: Annotated[Any, Use(self.pool)],
         ) -> AsyncIterator[Any]:
-            conn = await self._acquire(pool)
+            ticket = await self.gate.acquire()
+            try:
+                conn = await self._acquire(pool)
+            except BaseException:
+                self.gate.release(ticket, record=False)
+                raise
             try:
                 yield conn
             finally:
-                # Shielded and bounded by the core; asyncpg resets the connection
-                # (rolls back what is left open) or terminates it.
-                await pool.release(conn)
+                try:
+                    # Shielded and bounded by the core; asyncpg resets the connection
+                    # (rolls back what is left open) or terminates it.
+                    await pool.release(conn)
+                finally:
+                    self.gate.release(ticket)
 
         # The core bounds the acquire (a native timer, ~2.5 us) rather than
         # pool.acquire(timeout=...) (asyncio.wait_for, ~9 us): same ResourceBusy.

@@ -44,6 +44,7 @@ from .._resource import Resource
 from ..exceptions import ResourceBusy
 from ..fastapi import Use
 from ._common import redact
+from ._gate import Gate
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -56,6 +57,9 @@ class SQLAlchemy:
 
     Resource names are ``f"{name}.engine"``, ``f"{name}.connection"`` and
     ``f"{name}.session"``. Other keyword arguments go to ``create_async_engine``.
+    Connections pass :attr:`gate` first: served in arrival order, refused at once
+    (503) when the predicted wait exceeds *acquire_timeout*; ``shed=False`` refuses
+    only at the deadline.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class SQLAlchemy:
         close_timeout: float = 10.0,
         ping_timeout: float = 2.0,
         expire_on_commit: bool = False,
+        shed: bool = True,
         **engine_kwargs: Any,
     ) -> None:
         self.name = name
@@ -94,7 +99,12 @@ class SQLAlchemy:
             **engine_kwargs,
         }
         #: Connections leased now; shutdown waits for them, then invalidates them.
-        self._leased: set[AsyncConnection] = set()
+        self._leased: dict[AsyncConnection, int] = {}
+        #: Admission to the pool (capacity pool_size + max_overflow): arrival order,
+        #: and a refusal at once when the wait cannot end within acquire_timeout.
+        self.gate = Gate(
+            f"{name}.connection", pool_size + max_overflow, timeout=acquire_timeout, shed=shed
+        )
         self._returned: anyio.Event | None = None
 
         self.engine: Resource[AsyncEngine] = resources.app(
@@ -179,15 +189,22 @@ class SQLAlchemy:
     async def _connect(self, engine: "AsyncEngine") -> "AsyncConnection":
         from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+        ticket = await self.gate.acquire()
         try:
             conn = await engine.connect()
         except PoolTimeout:
+            self.gate.release(ticket, record=False)
             raise ResourceBusy(f"{self.name}.connection", self.acquire_timeout) from None
-        self._leased.add(conn)
+        except BaseException:
+            self.gate.release(ticket, record=False)
+            raise
+        self._leased[conn] = ticket
         return conn
 
     def _returned_one(self, conn: "AsyncConnection") -> None:
-        self._leased.discard(conn)
+        ticket = self._leased.pop(conn, None)
+        if ticket is not None:
+            self.gate.release(ticket)
         if not self._leased and self._returned is not None:
             self._returned.set()
 

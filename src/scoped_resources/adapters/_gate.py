@@ -1,0 +1,282 @@
+"""Admission to a pool: waiters in arrival order, and a refusal at once when waiting is futile.
+
+Every pooled adapter puts one :class:`Gate` in front of its pool, with the pool's
+size as its capacity. A lease passes the gate before it touches the pool, so the
+pool itself never makes anyone wait.
+
+The model (cheap, and deliberately simple):
+
+* ``hold`` -- the typical time a lease is held: an exponentially weighted moving
+  average of finished lease durations. When every slot is taken and even the
+  youngest lease has been held longer than that average, the average is stale
+  (the service behind the pool slowed down), so the youngest lease's age is used
+  instead: every holder has taken at least that long already.
+* a waiter with ``ahead`` waiters in front of it is expected to wait
+  ``(ahead + 1) / capacity * hold``: that many leases must end first, *capacity*
+  of them at a time.
+* when that expected wait exceeds the time left before the waiter's deadline, it
+  is refused at once (:class:`ResourceBusy` with a ``retry_after`` computed from
+  the same estimate) instead of at its deadline. This is checked on arrival and
+  again, for waiters already queued, at most every *recheck* seconds while they
+  wait (the estimate grows while leases stay stuck).
+* until *min_samples* leases have ended there is no estimate: only the deadline
+  refuses.
+
+Limits: the estimate knows nothing about *why* leases are slow; a burst of
+long leases after a quiet period is predicted from the quiet period until it
+ends or outlives the average. Refusing by prediction can refuse a waiter that
+would, by luck, have been served in time; turn it off with ``shed=False`` where
+every request must wait its full deadline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import anyio
+
+from ..exceptions import ResourceBusy
+
+__all__ = ["Gate", "GateStats"]
+
+#: Bounds of a ``Retry-After`` computed from the estimate (seconds).
+MIN_RETRY_AFTER = 1.0
+MAX_RETRY_AFTER = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class GateStats:
+    """A snapshot of one gate: what a resource page or a metric shows."""
+
+    name: str
+    capacity: int
+    in_use: int
+    waiting: int
+    #: The typical hold time (seconds) the gate predicts with; None before enough samples.
+    hold_estimate: float | None
+    #: Waiters refused at once because their wait could not end within their deadline.
+    shed: int
+    #: Waiters refused because their deadline passed while they waited.
+    timed_out: int
+    shedding: bool
+
+
+class _Waiter:
+    __slots__ = ("budget", "deadline", "event", "granted", "refused")
+
+    def __init__(self, now: float, budget: float) -> None:
+        self.budget = budget
+        self.deadline = now + budget
+        self.event = anyio.Event()
+        self.granted = False
+        #: The expected wait, set when the gate refused this waiter while it waited.
+        self.refused: float | None = None
+
+
+class Gate:
+    """Up to *capacity* leases at once; waiters served first come, first served.
+
+    ``ticket = await gate.acquire()`` takes a slot (waiting at most *timeout*
+    seconds, or less when an enclosing cancel scope has an earlier deadline) and
+    ``gate.release(ticket)`` gives it back and records how long it was held. A
+    waiter that is cancelled leaves the queue; a slot handed to a waiter that was
+    cancelled at that moment is passed on, never lost.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        *,
+        timeout: float | None,
+        shed: bool = True,
+        weight: float = 0.2,
+        min_samples: int = 5,
+        recheck: float = 0.05,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"resource {name!r}: a pool gate needs a capacity of at least 1")
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"resource {name!r}: the estimate's weight must be in (0, 1]")
+        self.name = name
+        self.capacity = capacity
+        self.timeout = timeout
+        self.shed = shed
+        self._weight = weight
+        self._min_samples = min_samples
+        self._recheck = recheck
+        self._in_use = 0
+        #: Start times of the leases held now, by ticket (insertion order = age).
+        self._held: dict[int, float] = {}
+        self._next_ticket = 0
+        #: Queued waiters in arrival order (a dict: O(1) removal of a cancelled one).
+        self._waiters: dict[_Waiter, None] = {}
+        self._hold: float | None = None
+        self._samples = 0
+        self._shed_count = 0
+        self._timed_out = 0
+        self._last_recheck = 0.0
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return f"<Gate {self.name!r} {s.in_use}/{s.capacity} waiting={s.waiting}>"
+
+    # -- the estimate ------------------------------------------------------------
+
+    def hold_estimate(self, now: float | None = None) -> float | None:
+        """The typical hold time used for predictions (seconds), or None without samples."""
+        if self._hold is None or self._samples < self._min_samples:
+            return None
+        if self._in_use >= self.capacity and self._held:
+            youngest = next(reversed(self._held.values()))
+            age = (time.monotonic() if now is None else now) - youngest
+            return max(self._hold, age)
+        return self._hold
+
+    def expected_wait(self, ahead: int, now: float | None = None) -> float | None:
+        """How long a waiter with *ahead* waiters in front of it should expect to wait."""
+        hold = self.hold_estimate(now)
+        if hold is None:
+            return None
+        return (ahead + 1) / self.capacity * hold
+
+    def _record(self, held_for: float) -> None:
+        if self._hold is None:
+            self._hold = held_for
+        else:
+            self._hold += self._weight * (held_for - self._hold)
+        self._samples += 1
+
+    def stats(self) -> GateStats:
+        """A frozen snapshot of the gate now."""
+        return GateStats(
+            name=self.name,
+            capacity=self.capacity,
+            in_use=self._in_use,
+            waiting=len(self._waiters),
+            hold_estimate=self.hold_estimate(),
+            shed=self._shed_count,
+            timed_out=self._timed_out,
+            shedding=self.shed,
+        )
+
+    # -- slots --------------------------------------------------------------------
+
+    def _take(self, now: float) -> int:
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._held[ticket] = now
+        return ticket
+
+    def _hand_on(self) -> None:
+        """A slot came free: give it to the first waiter, else mark it free."""
+        while self._waiters:
+            waiter = next(iter(self._waiters))
+            del self._waiters[waiter]
+            waiter.granted = True
+            waiter.event.set()
+            return
+        self._in_use -= 1
+
+    def release(self, ticket: int, *, record: bool = True) -> None:
+        """Give back the slot of *ticket* (idempotent); *record* its hold time in the estimate.
+
+        Pass ``record=False`` when the slot was taken but the pool lent nothing
+        (its acquire failed): that is no lease duration.
+        """
+        started = self._held.pop(ticket, None)
+        if started is None:
+            return
+        if record:
+            self._record(time.monotonic() - started)
+        self._hand_on()
+
+    async def acquire(self, timeout: float | None = None) -> int:
+        """Take a slot, waiting in arrival order; ResourceBusy when it cannot be had in time.
+
+        *timeout* defaults to the gate's; an enclosing cancel scope's earlier
+        deadline shortens it.
+        """
+        now = time.monotonic()
+        if self._in_use < self.capacity and not self._waiters:
+            self._in_use += 1
+            return self._take(now)
+        budget = self.timeout if timeout is None else timeout
+        if budget is None:
+            budget = math.inf
+        scope_left = anyio.current_effective_deadline() - anyio.current_time()
+        budget = min(budget, scope_left)
+        if self.shed:
+            expected = self.expected_wait(len(self._waiters), now)
+            if expected is not None and expected > budget:
+                self._shed_count += 1
+                raise self._busy(expected, 0.0, len(self._waiters))
+        waiter = _Waiter(now, budget)
+        self._waiters[waiter] = None
+        try:
+            await self._wait(waiter)
+        except BaseException:
+            if waiter.granted:
+                self._hand_on()  # handed to us as we were cancelled: pass it on
+            else:
+                self._waiters.pop(waiter, None)
+            raise
+        return self._take(time.monotonic())
+
+    async def _wait(self, waiter: _Waiter) -> None:
+        while True:
+            left = waiter.deadline - time.monotonic()
+            if left <= 0:
+                break
+            step = min(left, self._recheck) if self.shed else left
+            with anyio.move_on_after(step):
+                await waiter.event.wait()
+            if waiter.granted:
+                return
+            if waiter.refused is not None:
+                self._shed_count += 1
+                waited = time.monotonic() - (waiter.deadline - waiter.budget)
+                raise self._busy(waiter.refused, waited, None)
+            if self.shed:
+                self._recheck_queue()
+        self._waiters.pop(waiter, None)
+        self._timed_out += 1
+        raise ResourceBusy(
+            self.name, waiter.budget, retry_after=self._retry_after(len(self._waiters))
+        )
+
+    def _recheck_queue(self) -> None:
+        """Refuse queued waiters whose expected wait now exceeds what they have left."""
+        now = time.monotonic()
+        if now - self._last_recheck < self._recheck:
+            return
+        self._last_recheck = now
+        hold = self.hold_estimate(now)
+        if hold is None:
+            return
+        refused: list[_Waiter] = []
+        for ahead, waiter in enumerate(self._waiters):
+            expected = (ahead + 1) / self.capacity * hold
+            if expected > waiter.deadline - now:
+                waiter.refused = expected
+                refused.append(waiter)
+        for waiter in refused:
+            del self._waiters[waiter]
+            waiter.event.set()
+
+    def _retry_after(self, ahead: int) -> float:
+        expected = self.expected_wait(ahead)
+        if expected is None:
+            return MIN_RETRY_AFTER
+        return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, math.ceil(expected)))
+
+    def _busy(self, expected: float, waited: float, ahead: int | None) -> ResourceBusy:
+        queue = len(self._waiters) if ahead is None else ahead
+        return ResourceBusy(
+            self.name,
+            round(waited, 3),
+            retry_after=self._retry_after(queue),
+            expected_wait=expected,
+        )
