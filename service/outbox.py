@@ -112,6 +112,13 @@ def quiet_broker_reconnects() -> None:
             target.addFilter(_ReconnectNoise())
 
 
+def _describe(exc: BaseException) -> str:
+    # A batch's publishes fail together: name the first cause, not the group.
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
 class OutboxRelay:
     """Publishes unsent outbox rows in a task of its own until closed.
 
@@ -222,11 +229,10 @@ class OutboxRelay:
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             logger.warning(
-                "outbox relay %s: cannot publish events (%s: %s); they stay in the outbox,"
+                "outbox relay %s: cannot publish events (%s); they stay in the outbox,"
                 " retrying every %.0f s at most",
                 self.name,
-                type(exc).__name__,
-                exc,
+                _describe(exc),
                 RETRY_MAX,
             )
 
