@@ -45,7 +45,7 @@ from scoped_resources.adapters.http import HTTP
 from scoped_resources.adapters.rabbitmq import ChannelPool, RabbitMQ
 from scoped_resources.adapters.redis import Redis
 from scoped_resources.adapters.sqlalchemy import SQLAlchemy
-from scoped_resources.fastapi import health_routes
+from scoped_resources.fastapi import health_routes, outage_of
 
 from . import errors
 from .cache import Cache, MemoryCache, RedisCache
@@ -385,7 +385,7 @@ def _unavailable(what: str) -> Handler:
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     """503 when the driver lost its connection (an outage); 500 for anything else."""
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+    if outage_of(exc) is not None:
         unavailable: JSONResponse = await _unavailable("database")(request, exc)
         return unavailable
     errors.logger.error("database error", exc_info=exc)

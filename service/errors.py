@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scoped_resources.adapters.files import UnsafePath, UploadTooLarge
 from scoped_resources.exceptions import ResourceBusy
-from scoped_resources.fastapi import problem_response
+from scoped_resources.fastapi import outage_of, problem_response
 
 logger = logging.getLogger("service")
 
@@ -97,6 +97,10 @@ async def _unsafe_path(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    what = outage_of(exc)
+    if what is not None:
+        logger.warning("%s unavailable on %s %s: %s", what, request.method, request.url.path, exc)
+        return problem(503, f"the {what} is unavailable; retry later", {"Retry-After": "1"})
     logger.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return problem(500, "internal error; the service logged the details")
 

@@ -48,6 +48,7 @@ def test_fastapi_module_names_are_pinned() -> None:
         "Use",
         "health_routes",
         "lifespan",
+        "outage_of",
         "problem_response",
         "run_to_completion",
     ]

@@ -33,16 +33,24 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.routing import Mount
 
+from ._failures import current_route, log_failure, outage_of
 from ._resource import Level, Resource
 from ._scope import AppScope, Scope
-from .exceptions import ReleaseFailed, ReleaseTimeout, ResourceBusy, ResourceMisuse, ScopeClosed
+from .exceptions import ReleaseFailed, ResourceBusy, ResourceMisuse, ScopeClosed
 
 if TYPE_CHECKING:
     from fastapi.dependencies.models import Dependant
 
     from ._registry import Resources
 
-__all__ = ["Use", "health_routes", "lifespan", "problem_response", "run_to_completion"]
+__all__ = [
+    "Use",
+    "health_routes",
+    "lifespan",
+    "outage_of",
+    "problem_response",
+    "run_to_completion",
+]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -108,6 +116,11 @@ def _make_getter(resource: Resource[Any]) -> Callable[..., Any]:
                 return await scope.get(resource)
             except ResourceBusy as busy:
                 raise _busy_http(busy) from busy
+            except Exception as err:
+                if outage_of(err) is None:
+                    raise
+                log_failure(logger, "acquiring", name, err)
+                raise _outage_http(name) from err
 
         getter = get_request_resource
     getter.__qualname__ = getter.__name__ = f"use_{name}"
@@ -136,6 +149,8 @@ def _request_dependency(registry: Resources) -> Callable[..., Any]:
 
     async def request_scope(request: Request, background_tasks: BackgroundTasks) -> Scope:
         app_scope = _app_scope(request, key, registry)
+        route = request.scope.get("route")
+        current_route.set(f"{request.method} {getattr(route, 'path', request.url.path)}")
         try:
             function_stack: AsyncExitStack = request.scope[_FUNCTION_STACK]
             request_stack: AsyncExitStack = request.scope[_REQUEST_STACK]
@@ -343,7 +358,26 @@ class _RequestExit:
             raise outcome
         if isinstance(exc, ResourceBusy):
             raise _busy_http(exc) from exc
+        _raise_if_outage(exc)
         return False
+
+
+def _raise_if_outage(exc: BaseException | None) -> None:
+    """An outage that reached the endpoint (a query on a lost connection) becomes 503."""
+    if exc is None or isinstance(exc, HTTPException):
+        return
+    kind = outage_of(exc)
+    if kind is not None:
+        log_failure(logger, "using", kind, exc)
+        raise _outage_http(kind) from exc
+
+
+def _outage_http(what: str) -> HTTPException:
+    return HTTPException(
+        status_code=503,
+        detail=f"{what!r} is unavailable; retry later",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _cancelled_http(why: str, timeout: float | None) -> HTTPException:
@@ -378,16 +412,7 @@ def _release_failed_http(failed: ReleaseFailed) -> HTTPException:
 
 def _transient(err: BaseException) -> bool:
     """A lost connection or a timeout, itself or as the cause of a driver's error."""
-    seen = 0
-    cause: BaseException | None = err
-    while cause is not None and seen < 5:
-        if isinstance(cause, OSError | TimeoutError | ReleaseTimeout) or getattr(
-            cause, "connection_invalidated", False
-        ):
-            return True
-        cause = cause.__cause__ or cause.__context__
-        seen += 1
-    return False
+    return outage_of(err) is not None
 
 
 def _busy_http(busy: ResourceBusy) -> HTTPException:
@@ -405,6 +430,7 @@ async def _busy_to_503(
 ) -> bool:
     if isinstance(exc, ResourceBusy):
         raise _busy_http(exc) from exc
+    _raise_if_outage(exc)
     return False
 
 
