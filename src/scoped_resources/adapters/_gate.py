@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -95,6 +96,7 @@ class Gate:
         weight: float = 0.2,
         min_samples: int = 5,
         recheck: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"resource {name!r}: a pool gate needs a capacity of at least 1")
@@ -107,6 +109,7 @@ class Gate:
         self._weight = weight
         self._min_samples = min_samples
         self._recheck = recheck
+        self._clock = clock
         self._in_use = 0
         #: Start times of the leases held now, by ticket (insertion order = age).
         self._held: dict[int, float] = {}
@@ -131,7 +134,7 @@ class Gate:
             return None
         if self._in_use >= self.capacity and self._held:
             youngest = next(reversed(self._held.values()))
-            age = (time.monotonic() if now is None else now) - youngest
+            age = (self._clock() if now is None else now) - youngest
             return max(self._hold, age)
         return self._hold
 
@@ -190,7 +193,7 @@ class Gate:
         if started is None:
             return
         if record:
-            self._record(time.monotonic() - started)
+            self._record(self._clock() - started)
         self._hand_on()
 
     async def acquire(self, timeout: float | None = None) -> int:
@@ -199,7 +202,7 @@ class Gate:
         *timeout* defaults to the gate's; an enclosing cancel scope's earlier
         deadline shortens it.
         """
-        now = time.monotonic()
+        now = self._clock()
         if self._in_use < self.capacity and not self._waiters:
             self._in_use += 1
             return self._take(now)
@@ -223,11 +226,11 @@ class Gate:
             else:
                 self._waiters.pop(waiter, None)
             raise
-        return self._take(time.monotonic())
+        return self._take(self._clock())
 
     async def _wait(self, waiter: _Waiter) -> None:
         while True:
-            left = waiter.deadline - time.monotonic()
+            left = waiter.deadline - self._clock()
             if left <= 0:
                 break
             step = min(left, self._recheck) if self.shed else left
@@ -237,7 +240,7 @@ class Gate:
                 return
             if waiter.refused is not None:
                 self._shed_count += 1
-                waited = time.monotonic() - (waiter.deadline - waiter.budget)
+                waited = self._clock() - (waiter.deadline - waiter.budget)
                 raise self._busy(waiter.refused, waited, None)
             if self.shed:
                 self._recheck_queue()
@@ -249,7 +252,7 @@ class Gate:
 
     def _recheck_queue(self) -> None:
         """Refuse queued waiters whose expected wait now exceeds what they have left."""
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_recheck < self._recheck:
             return
         self._last_recheck = now

@@ -1,0 +1,314 @@
+"""The pool admission gate: arrival order, predictive refusal, Retry-After, cancellation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import anyio
+import pytest
+from anyio.lowlevel import checkpoint
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scoped_resources.adapters._gate import MAX_RETRY_AFTER, Gate, GateStats
+from scoped_resources.exceptions import ResourceBusy
+from scoped_resources.testing import cancel_at_each_await
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    """The monotonic clock, plus jumps the test makes by hand (``clock.now += s``)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    @property
+    def now(self) -> float:
+        return time.monotonic() + self.offset
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.offset += value - self.now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def warmed(clock: Clock, capacity: int, hold: float, **options: object) -> Gate:
+    """A gate whose estimate has five samples of *hold* seconds."""
+    gate = Gate("db.connection", capacity, clock=clock, **options)  # type: ignore[arg-type]
+    for _ in range(5):
+        ticket = gate._take(clock.now)
+        gate._in_use += 1
+        clock.now += hold
+        gate.release(ticket)
+    return gate
+
+
+async def fill(gate: Gate) -> list[int]:
+    """Take every slot of *gate* (none waits)."""
+    return [await gate.acquire() for _ in range(gate.capacity)]
+
+
+class TestOrder:
+    """Admitted waiters are served first come, first served."""
+
+    async def test_waiters_are_served_in_arrival_order(self) -> None:
+        """Five waiters queued behind one holder get the slot in the order they arrived."""
+        gate = Gate("db.connection", 1, timeout=5.0)
+        holder = await gate.acquire()
+        served: list[int] = []
+
+        async def wait(i: int) -> None:
+            ticket = await gate.acquire()
+            served.append(i)
+            gate.release(ticket)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(wait, i)
+                await anyio.wait_all_tasks_blocked()
+            assert gate.stats().waiting == 5
+            gate.release(holder)
+        assert served == [0, 1, 2, 3, 4]
+        assert dataclasses.replace(gate.stats(), hold_estimate=None) == GateStats(
+            name="db.connection",
+            capacity=1,
+            in_use=0,
+            waiting=0,
+            hold_estimate=None,
+            shed=0,
+            timed_out=0,
+            shedding=True,
+        )
+
+    async def test_a_newcomer_does_not_overtake_a_queued_waiter(self) -> None:
+        """A slot freed while someone waits goes to the waiter, not to the next caller."""
+        gate = Gate("db.connection", 1, timeout=5.0)
+        holder = await gate.acquire()
+        got: list[str] = []
+
+        async def wait(who: str) -> None:
+            gate.release(await gate.acquire())
+            got.append(who)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait, "queued")
+            await anyio.wait_all_tasks_blocked()
+            gate.release(holder)
+            tg.start_soon(wait, "newcomer")
+        assert got == ["queued", "newcomer"]
+
+
+class TestPrediction:
+    """A wait that cannot end within the deadline is refused at once."""
+
+    async def test_a_waiter_whose_expected_wait_exceeds_its_deadline_is_refused_at_once(
+        self,
+    ) -> None:
+        """With holds of 1 s on 2 slots and a 3.2 s deadline, the 7th waiter is refused."""
+        clock = Clock()
+        gate = warmed(clock, 2, 1.0, timeout=3.2)
+        tickets = await fill(gate)
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):  # expected waits 0.5, 1.0, ... 3.0 s: all admitted
+                tg.start_soon(gate.acquire)
+                await anyio.wait_all_tasks_blocked()
+            with pytest.raises(ResourceBusy) as refused:
+                await gate.acquire()
+            tg.cancel_scope.cancel()
+        assert refused.value.expected_wait == pytest.approx(3.5, abs=0.05)
+        assert refused.value.resource == "db.connection"
+        assert refused.value.retry_after == 4
+        assert "expected wait" in str(refused.value)
+        assert "db.connection" in str(refused.value)
+        stats = gate.stats()
+        assert (stats.shed, stats.waiting, stats.in_use) == (1, 0, 2)
+        for ticket in tickets:
+            gate.release(ticket)
+        assert gate.stats().in_use == 0
+
+    async def test_without_samples_only_the_deadline_refuses(self) -> None:
+        """A fresh gate queues everyone and refuses them at their deadline, not before."""
+        gate = Gate("db.connection", 1, timeout=0.05)
+        holder = await gate.acquire()
+        with anyio.fail_after(5):
+            with pytest.raises(ResourceBusy) as late:
+                await gate.acquire()
+        assert late.value.expected_wait is None
+        assert late.value.waited == 0.05
+        assert late.value.retry_after == 1
+        assert (gate.stats().shed, gate.stats().timed_out) == (0, 1)
+        gate.release(holder)
+
+    async def test_queued_waiters_are_refused_once_stuck_holders_outlive_the_estimate(
+        self,
+    ) -> None:
+        """A holder stuck for 1.9 s (the estimate said 0.1 s) makes the queue's tail give up."""
+        clock = Clock()
+        gate = warmed(clock, 1, 0.1, timeout=10.0, recheck=0.001)
+        holder = await gate.acquire()
+        outcomes: dict[int, str] = {}
+
+        async def wait(i: int) -> None:
+            try:
+                ticket = await gate.acquire()
+            except ResourceBusy as busy:
+                outcomes[i] = f"refused {round(busy.expected_wait or 0, 1):g}"
+            else:
+                outcomes[i] = "served"
+                gate.release(ticket)
+
+        with anyio.fail_after(20):  # later than the gate's 10 s, so it does not shorten it
+            async with anyio.create_task_group() as tg:
+                for i in range(6):
+                    tg.start_soon(wait, i)
+                    await anyio.wait_all_tasks_blocked()
+                assert gate.stats().waiting == 6
+                clock.now += 1.9  # expected waits now 1.9, 3.8, ... 11.4 s; 8.1 s left
+                while len(outcomes) < 2:
+                    await anyio.sleep(0.001)
+                assert gate.stats().waiting == 4, outcomes
+                gate.release(holder)
+        assert outcomes == {
+            0: "served",
+            1: "served",
+            2: "served",
+            3: "served",
+            4: "refused 9.5",
+            5: "refused 11.4",
+        }
+        assert gate.stats().shed == 2
+
+    async def test_an_earlier_cancel_scope_deadline_shortens_the_budget(self) -> None:
+        """A request deadline closer than the acquire timeout is what the prediction must meet."""
+        clock = Clock()
+        gate = warmed(clock, 1, 1.0, timeout=100.0)
+        holder = await gate.acquire()
+        with anyio.move_on_after(0.5), pytest.raises(ResourceBusy) as refused:
+            await gate.acquire()  # expects 1 s; the scope leaves 0.5 s
+        assert refused.value.expected_wait == pytest.approx(1.0, abs=0.05)
+        gate.release(holder)
+
+    async def test_shed_false_waits_the_full_deadline(self) -> None:
+        """With prediction off, a hopeless waiter is still refused only at its deadline."""
+        clock = Clock()
+        gate = warmed(clock, 1, 10.0, timeout=0.05, shed=False)
+        holder = await gate.acquire()
+        clock.now += 50.0
+        with anyio.fail_after(5), pytest.raises(ResourceBusy) as late:
+            await gate.acquire()
+        assert late.value.expected_wait is None
+        # The estimate (the holder's 50 s so far) still informs Retry-After.
+        assert 50 <= late.value.retry_after <= 51
+        assert gate.stats().shed == 0
+        assert not gate.stats().shedding
+        gate.release(holder)
+
+
+class TestEstimate:
+    """The hold estimate and the Retry-After built from it."""
+
+    async def test_a_failed_pool_acquire_is_not_a_hold_sample(self) -> None:
+        """release(record=False) frees the slot without teaching the estimate anything."""
+        clock = Clock()
+        gate = Gate("db.connection", 1, timeout=1.0, clock=clock, min_samples=1)
+        ticket = await gate.acquire()
+        clock.now += 3.0
+        gate.release(ticket, record=False)
+        gate.release(ticket)  # a second release is a no-op
+        assert gate.stats().hold_estimate is None
+        assert gate.stats().in_use == 0
+
+    @given(st.lists(st.floats(min_value=0.0, max_value=1e4), min_size=5, max_size=50))
+    def test_the_estimate_stays_within_the_samples(self, holds: list[float]) -> None:
+        """An EWMA never leaves the range of the durations it averages."""
+        clock = Clock()
+        gate = Gate("db.connection", 3, timeout=1.0, clock=clock)
+        for hold in holds:
+            gate._in_use += 1
+            ticket = gate._take(clock.now)
+            clock.now += hold
+            gate.release(ticket)
+        estimate = gate.stats().hold_estimate
+        assert estimate is not None
+        assert min(holds) - 1e-6 <= estimate <= max(holds) + 0.01  # + the real time passed
+
+    @given(
+        st.floats(min_value=0.0, max_value=1e5),
+        st.integers(min_value=1, max_value=64),
+        st.integers(min_value=0, max_value=10_000),
+    )
+    def test_retry_after_is_between_one_second_and_a_minute(
+        self, hold: float, capacity: int, ahead: int
+    ) -> None:
+        """Retry-After is whole seconds in [1, 60], and never shrinks as the queue grows."""
+        clock = Clock()
+        gate = warmed(clock, capacity, hold, timeout=1.0)
+        retry = gate._retry_after(ahead)
+        assert 1 <= retry <= MAX_RETRY_AFTER
+        assert retry == math.floor(retry)
+        assert gate._retry_after(ahead + capacity) >= retry
+
+    def test_a_gate_without_capacity_is_refused(self) -> None:
+        """Capacity 0 is a configuration error naming the resource."""
+        with pytest.raises(ValueError, match="db.connection"):
+            Gate("db.connection", 0, timeout=1.0)
+
+
+class TestCancellation:
+    """A cancelled waiter leaves the queue and never leaks a slot."""
+
+    async def test_cancelled_at_each_await_point_no_slot_or_waiter_is_left(self) -> None:
+        """Acquire-and-release behind a holder, cancelled at every point, leaves the gate clean."""
+        gate = Gate("db.connection", 1, timeout=5.0)
+
+        async def contended() -> None:
+            holder = await gate.acquire()
+            async with anyio.create_task_group() as tg:
+
+                async def hand_back() -> None:
+                    await checkpoint()
+                    gate.release(holder)
+
+                tg.start_soon(hand_back)
+                ticket = await gate.acquire()
+                await checkpoint()
+                gate.release(ticket)
+
+        def clean(point: int) -> None:
+            stats = gate.stats()
+            assert (stats.in_use, stats.waiting) in ((0, 0), (1, 0)), point
+            for ticket in list(gate._held):  # the holder a cancelled run left behind
+                gate.release(ticket)
+            assert gate.stats().in_use == 0
+
+        points = await cancel_at_each_await(contended, after_each=clean)
+        assert points >= 2
+        assert gate.stats().in_use == 0
+
+    async def test_a_slot_handed_to_a_waiter_cancelled_meanwhile_goes_to_the_next(self) -> None:
+        """A waiter cancelled in the same instant its slot arrives passes the slot on."""
+        gate = Gate("db.connection", 1, timeout=5.0)
+        holder = await gate.acquire()
+        got: list[str] = []
+
+        async def wait(who: str, scope: anyio.CancelScope) -> None:
+            with scope:
+                ticket = await gate.acquire()
+                got.append(who)
+                gate.release(ticket)
+
+        first, second = anyio.CancelScope(), anyio.CancelScope()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait, "first", first)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(wait, "second", second)
+            await anyio.wait_all_tasks_blocked()
+            first.cancel()
+            gate.release(holder)  # granted to "first", which is already cancelled
+        assert got == ["second"]
+        assert (gate.stats().in_use, gate.stats().waiting) == (0, 0)
