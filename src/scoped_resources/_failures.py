@@ -172,7 +172,10 @@ def cause_of(err: BaseException) -> str:
     ``CannotConnectNowError: the database system is shutting down``.
     """
     chain = list(_chain(err))
-    root = next((c for c in chain if _sqlstate(c) is not None), None)
+    stated = [c for c in chain if _sqlstate(c) is not None]
+    named = [c for c in stated if getattr(c, "constraint_name", None)]
+    candidates = named or stated
+    root: BaseException | None = candidates[-1] if candidates else None
     if root is None:
         leaves = [c for c in chain if not isinstance(c, BaseExceptionGroup)]
         root = leaves[-1] if leaves else err
