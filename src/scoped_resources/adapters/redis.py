@@ -53,6 +53,7 @@ from .._resource import Resource
 from ..exceptions import ResourceBusy
 from ..fastapi import Use
 from ._common import bounded, redact
+from ._gate import Gate
 
 __all__ = ["BusyAwarePool", "Redis", "UnexecutedPipelineError"]
 
@@ -74,6 +75,10 @@ class BusyAwarePool(BlockingConnectionPool):
     """
 
     resource_name: str = "redis"
+    #: Admission in front of the pool (set by :class:`Redis`): arrival order, and a
+    #: refusal at once when the wait cannot end within the pool's timeout.
+    gate: Gate | None = None
+    _tickets: dict[int, int]
     #: Set when the owning client closed: connections are no longer lent, and any
     #: connection handed back late (by a lease outliving shutdown) is disconnected.
     closed: bool = False
@@ -86,18 +91,32 @@ class BusyAwarePool(BlockingConnectionPool):
                 f"resource {self.resource_name!r} is closed (the app shut down); "
                 "use it only while its app scope is open"
             )
+        gate = self.gate
+        ticket = None if gate is None else await gate.acquire()
         # The arguments are deprecated and unused by redis-py; never forward them.
         try:
-            return cast(Connection, await super().get_connection())  # type: ignore[no-untyped-call]
-        except RedisConnectionError as exc:
-            if isinstance(exc.__cause__, TimeoutError | asyncio.TimeoutError):
+            conn = cast(Connection, await super().get_connection())  # type: ignore[no-untyped-call]
+        except BaseException as exc:
+            if gate is not None and ticket is not None:
+                gate.release(ticket, record=False)
+            if isinstance(exc, RedisConnectionError) and isinstance(
+                exc.__cause__, TimeoutError | asyncio.TimeoutError
+            ):
                 raise ResourceBusy(self.resource_name, float(self.timeout or 0.0)) from None
             raise
+        if ticket is not None:
+            self.__dict__.setdefault("_tickets", {})[id(conn)] = ticket
+        return conn
 
     async def release(self, connection: Connection) -> None:  # type: ignore[override]
-        if self.closed:
-            await connection.disconnect()
-        await super().release(connection)
+        try:
+            if self.closed:
+                await connection.disconnect()
+            await super().release(connection)
+        finally:
+            ticket = self.__dict__.get("_tickets", {}).pop(id(connection), None)
+            if ticket is not None and self.gate is not None:
+                self.gate.release(ticket)
 
 
 class Redis:
@@ -120,6 +139,7 @@ class Redis:
         ping_timeout: float = 2.0,
         release_timeout: float = 5.0,
         transaction: bool = True,
+        shed: bool = True,
         **kwargs: Any,
     ) -> None:
         self.name = name
@@ -131,6 +151,9 @@ class Redis:
         self.release_timeout = release_timeout
         self.transaction = transaction
         self._kwargs = kwargs
+        #: Admission to the connection pool (capacity *max_connections*): arrival
+        #: order, and a refusal at once when the wait cannot end within acquire_timeout.
+        self.gate = Gate(name, max_connections, timeout=acquire_timeout, shed=shed)
 
         self.client: Resource[redis.asyncio.Redis] = resources.app(
             name=name,
@@ -200,6 +223,7 @@ class Redis:
             **self._kwargs,
         )
         pool.resource_name = self.name
+        pool.gate = self.gate
         client = redis.asyncio.Redis.from_pool(pool)  # the client owns (and closes) the pool
         try:
             yield client

@@ -36,6 +36,7 @@ from .._registry import Resources
 from .._resource import Resource
 from ..exceptions import ResourceBusy
 from ..fastapi import Use
+from ._gate import Gate
 
 __all__ = ["SQLite", "savepoint"]
 
@@ -123,6 +124,7 @@ class SQLite:
         busy_timeout: float = 5.0,
         release_timeout: float = 10.0,
         close_timeout: float = 10.0,
+        shed: bool = True,
     ) -> None:
         if readers < 1:
             raise ValueError(f"readers must be at least 1, not {readers}")
@@ -132,6 +134,10 @@ class SQLite:
         self.acquire_timeout = acquire_timeout
         self.busy_timeout = busy_timeout
         self.close_timeout = close_timeout
+        #: Admission to the writer and to the readers: arrival order, and a refusal at
+        #: once when the wait cannot end within acquire_timeout (``shed=False``: deadline only).
+        self.writer_gate = Gate(f"{name}.transaction", 1, timeout=acquire_timeout, shed=shed)
+        self.reader_gate = Gate(f"{name}.connection", readers, timeout=acquire_timeout, shed=shed)
 
         self.database: Resource[Any] = resources.app(
             name=f"{name}.database",
@@ -142,13 +148,21 @@ class SQLite:
         async def connection(
             conns: Annotated[Any, Use(self.database)],
         ) -> AsyncIterator[Any]:
-            conn = await self._lend_reader(conns)
+            ticket = await self.reader_gate.acquire()
             try:
-                yield conn
-            except BaseException as exc:
-                await self._return_reader(conns, conn, exc)
+                conn = await self._lend_reader(conns)
+            except BaseException:
+                self.reader_gate.release(ticket, record=False)
                 raise
-            await self._return_reader(conns, conn, None)
+            try:
+                try:
+                    yield conn
+                except BaseException as exc:
+                    await self._return_reader(conns, conn, exc)
+                    raise
+                await self._return_reader(conns, conn, None)
+            finally:
+                self.reader_gate.release(ticket)
 
         self.connection: Resource[Any] = resources.request(
             name=f"{name}.connection",
@@ -159,7 +173,12 @@ class SQLite:
         async def transaction(
             conns: Annotated[Any, Use(self.database)],
         ) -> AsyncIterator[Any]:
-            conn = await self._lend_writer(conns)
+            ticket = await self.writer_gate.acquire()
+            try:
+                conn = await self._lend_writer(conns)
+            except BaseException:
+                self.writer_gate.release(ticket, record=False)
+                raise
             try:
                 try:
                     await _run(conn, "BEGIN IMMEDIATE")
@@ -174,6 +193,7 @@ class SQLite:
                     raise
             finally:
                 conns.write_lock.release()
+                self.writer_gate.release(ticket)
 
         self.transaction: Resource[Any] = resources.request(
             name=f"{name}.transaction",
