@@ -73,13 +73,17 @@ def main(argv: list[str]) -> int:
         uvicorn.run("service.app:app", host=settings.host, port=settings.port, workers=workers)
         return 0
     from .app import create_app
+    from .logging_config import configure
 
+    log_level = os.environ.get("LOG_LEVEL", "info").lower()
+    configure(log_level, settings.log_format)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=10,
-        log_level=os.environ.get("LOG_LEVEL", "info").lower(),
+        log_level=log_level,
+        log_config=None,  # logging_config.configure set the handlers
     )
     _Server(config).run()
     return 0

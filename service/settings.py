@@ -7,6 +7,7 @@ under ``./service-data``, an in-process cache, no broker and no upstream.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -56,6 +57,9 @@ class Settings(BaseSettings):
     ready_timeout: float = Field(default=2.0, gt=0, le=60)
     request_timeout: float = Field(
         default=30.0, gt=0, le=3600, description="Bound on each request (503 past it)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json: one JSON object per log line on stderr."
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
