@@ -45,6 +45,7 @@ from .._registry import Resources
 from .._resource import Resource
 from ..exceptions import ResourceBusy
 from ._common import redact
+from ._gate import Gate
 
 __all__ = ["HTTP", "SlotTransport"]
 
@@ -66,33 +67,33 @@ class SlotTransport(httpx.AsyncBaseTransport):
         name: str,
         slots: int,
         acquire_timeout: float | None,
+        shed: bool = True,
     ) -> None:
         self.inner = inner
         self.name = name
         self.acquire_timeout = acquire_timeout
-        self._slots = anyio.Semaphore(slots, max_value=slots)
+        #: Admission to the slots: arrival order, and a refusal at once when the wait
+        #: cannot end within acquire_timeout (``shed=False``: deadline only).
+        self.gate = Gate(name, slots, timeout=acquire_timeout, shed=shed)
 
     @property
     def free_slots(self) -> int:
         """How many more requests could be sent now."""
-        return self._slots.value
+        stats = self.gate.stats()
+        return stats.capacity - stats.in_use
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            with anyio.fail_after(self.acquire_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise ResourceBusy(self.name, self.acquire_timeout or 0.0) from None
+        ticket = await self.gate.acquire()
         try:
             response = await self.inner.handle_async_request(request)
         except httpx.PoolTimeout:
-            self._slots.release()
+            self.gate.release(ticket, record=False)
             raise ResourceBusy(self.name, self.acquire_timeout or 0.0) from None
         except BaseException:
-            self._slots.release()
+            self.gate.release(ticket)  # it held the slot while it failed: a hold sample
             self._prune_orphans()
             raise
-        response.stream = _SlotStream(response.stream, self._slots)
+        response.stream = _SlotStream(response.stream, self.gate, ticket)
         return response
 
     def _prune_orphans(self) -> None:
@@ -119,21 +120,22 @@ class SlotTransport(httpx.AsyncBaseTransport):
 
 
 class _SlotStream(httpx.AsyncByteStream):
-    def __init__(self, inner: Any, slots: anyio.Semaphore) -> None:
+    def __init__(self, inner: Any, gate: Gate, ticket: int) -> None:
         self._inner = inner
-        self._slots: anyio.Semaphore | None = slots
+        self._gate: Gate | None = gate
+        self._ticket = ticket
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._inner:
             yield chunk
 
     async def aclose(self) -> None:
-        slots, self._slots = self._slots, None
+        gate, self._gate = self._gate, None
         try:
             await self._inner.aclose()
         finally:
-            if slots is not None:
-                slots.release()
+            if gate is not None:
+                gate.release(self._ticket)
 
 
 class HTTP:
@@ -156,9 +158,11 @@ class HTTP:
         transport: httpx.AsyncBaseTransport | None = None,
         ping_url: str | None = None,
         ping_timeout: float = 2.0,
+        shed: bool = True,
         **client_kwargs: Any,
     ) -> None:
         self.name = name
+        self.shed = shed
         self.ping_url = ping_url
         self.ping_timeout = ping_timeout
         self.base_url = base_url
@@ -195,7 +199,11 @@ class HTTP:
             ),
         )
         transport = SlotTransport(
-            inner, name=self.name, slots=self.max_connections, acquire_timeout=self.acquire_timeout
+            inner,
+            name=self.name,
+            slots=self.max_connections,
+            acquire_timeout=self.acquire_timeout,
+            shed=self.shed,
         )
         kwargs: dict[str, Any] = dict(self._client_kwargs)
         if self.base_url is not None:

@@ -36,6 +36,7 @@ from .._resource import Resource
 from ..exceptions import ResourceBusy
 from ..fastapi import Use
 from ._common import redact
+from ._gate import Gate
 
 __all__ = ["ChannelPool", "RabbitMQ"]
 
@@ -57,6 +58,7 @@ class ChannelPool:
         acquire_timeout: float | None,
         publisher_confirms: bool,
         close_timeout: float,
+        shed: bool = True,
     ) -> None:
         self.name = name
         self.size = size
@@ -64,7 +66,10 @@ class ChannelPool:
         self._connection = connection
         self._confirms = publisher_confirms
         self._close_timeout = close_timeout
-        self._slots = anyio.Semaphore(size, max_value=size)
+        #: Admission to the channels: arrival order, and a refusal at once when the
+        #: wait cannot end within acquire_timeout (``shed=False``: deadline only).
+        self.gate = Gate(name, size, timeout=acquire_timeout, shed=shed)
+        self._tickets: dict[int, int] = {}
         self._idle: list[AbstractChannel] = []
         self._closed = False
         #: Channels opened over the pool's life (to see reuse and replacement).
@@ -73,32 +78,37 @@ class ChannelPool:
     @property
     def free_slots(self) -> int:
         """How many more channels could be leased now."""
-        return self._slots.value
+        stats = self.gate.stats()
+        return stats.capacity - stats.in_use
 
     async def acquire(self) -> AbstractChannel:
         """Lend a channel; ResourceBusy past the acquire deadline."""
         if self._closed:
             raise RuntimeError(f"channel pool {self.name!r} is closed; the app is shutting down")
+        started = anyio.current_time()
+        ticket = await self.gate.acquire()
         try:
-            with anyio.fail_after(self.acquire_timeout):
-                await self._slots.acquire()
-                try:
+            left = None
+            if self.acquire_timeout is not None:
+                left = max(0.0, self.acquire_timeout - (anyio.current_time() - started))
+            try:
+                with anyio.fail_after(left):
                     # While the robust connection reconnects, wait (within the deadline).
                     await self._connection.ready()
-                except BaseException:
-                    self._slots.release()
-                    raise
-        except TimeoutError:
-            raise ResourceBusy(self.name, self.acquire_timeout or 0.0) from None
-        try:
-            while self._idle:
-                channel = self._idle.pop()
-                if not channel.is_closed:
-                    return channel
-            return await self._open_channel()
+            except TimeoutError:
+                raise ResourceBusy(self.name, self.acquire_timeout or 0.0) from None
+            channel = None
+            while self._idle and channel is None:
+                idle = self._idle.pop()
+                if not idle.is_closed:
+                    channel = idle
+            if channel is None:
+                channel = await self._open_channel()
         except BaseException:
-            self._slots.release()
+            self.gate.release(ticket, record=False)
             raise
+        self._tickets[id(channel)] = ticket
+        return channel
 
     async def _open_channel(self) -> AbstractChannel:
         channel = self._connection.channel(publisher_confirms=self._confirms)
@@ -118,7 +128,9 @@ class ChannelPool:
             else:
                 await self._close(channel)
         finally:
-            self._slots.release()
+            ticket = self._tickets.pop(id(channel), None)
+            if ticket is not None:
+                self.gate.release(ticket)
 
     async def _close(self, channel: AbstractChannel) -> None:
         with anyio.move_on_after(self._close_timeout, shield=True):
@@ -152,6 +164,7 @@ class RabbitMQ:
         connect_timeout: float = 10.0,
         release_timeout: float = 5.0,
         ping_timeout: float = 2.0,
+        shed: bool = True,
         **connect_kwargs: Any,
     ) -> None:
         self.name = name
@@ -182,6 +195,7 @@ class RabbitMQ:
                 acquire_timeout=acquire_timeout,
                 publisher_confirms=publisher_confirms,
                 close_timeout=release_timeout,
+                shed=shed,
             )
             try:
                 yield pool
