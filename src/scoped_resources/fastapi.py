@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.routing import Mount
 
-from ._failures import current_route, log_failure, outage_of
+from ._failures import cause_of, current_route, log_failure, outage_of
 from ._resource import Level, Resource
 from ._scope import AppScope, Scope
 from .exceptions import ReleaseFailed, ResourceBusy, ResourceMisuse, ScopeClosed
@@ -405,8 +405,10 @@ def _release_failed_http(failed: ReleaseFailed) -> HTTPException:
             f"being completed; retry later ({failed})",
             headers={"Retry-After": "1"},
         )
+    causes = "; ".join(cause_of(err) for err in failed.exceptions)
     return HTTPException(
-        status_code=500, detail=f"the request's work could not be completed: {failed}"
+        status_code=500,
+        detail=f"the request's work could not be completed: {failed} ({causes})",
     )
 
 
