@@ -78,8 +78,8 @@ class _ReconnectNoise(logging.Filter):
 
     aiormq and aio-pika log an ERROR (one with a traceback) when the broker
     closes the connection, and two lines per reconnect attempt; the relay already
-    reports the outage once when it starts and once when it ends. Handlers that
-    show DEBUG still get every record.
+    reports the outage once when it starts and once when it ends. Where DEBUG is
+    enabled the records are still logged, at DEBUG.
     """
 
     _MESSAGES = (
@@ -96,9 +96,11 @@ class _ReconnectNoise(logging.Filter):
             and isinstance(record.args, tuple)
             and "RobustChannel._on_close" in repr(record.args[0])
         )
-        if reconnect and record.levelno > logging.DEBUG:
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
+        if not reconnect or record.levelno <= logging.DEBUG:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        # The level check ran before this filter: apply it again at the new level.
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 _RECONNECT_LOGGERS = ("aiormq.connection", "aio_pika.robust_connection", "aio_pika.tools")
