@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 from anyio.lowlevel import checkpoint
 from hypothesis import given
 from hypothesis import strategies as st
 
+from scoped_resources import Resources
+from scoped_resources._resource import Resource
 from scoped_resources.adapters._gate import MAX_RETRY_AFTER, Gate, GateStats
+from scoped_resources.adapters.http import HTTP, SlotTransport
+from scoped_resources.adapters.postgres import Postgres
+from scoped_resources.adapters.rabbitmq import RabbitMQ
+from scoped_resources.adapters.redis import Redis
+from scoped_resources.adapters.sqlalchemy import SQLAlchemy
+from scoped_resources.adapters.sqlite import SQLite
 from scoped_resources.exceptions import ResourceBusy
 from scoped_resources.testing import cancel_at_each_await
 
@@ -147,9 +161,9 @@ class TestPrediction:
     async def test_queued_waiters_are_refused_once_stuck_holders_outlive_the_estimate(
         self,
     ) -> None:
-        """A holder stuck for 1.9 s (the estimate said 0.1 s) makes the queue's tail give up."""
+        """A holder stuck for 18 s (the estimate said 0.1 s) makes the queue's tail give up."""
         clock = Clock()
-        gate = warmed(clock, 1, 0.1, timeout=10.0, recheck=0.001)
+        gate = warmed(clock, 1, 0.1, timeout=100.0, recheck=0.001)
         holder = await gate.acquire()
         outcomes: dict[int, str] = {}
 
@@ -157,18 +171,18 @@ class TestPrediction:
             try:
                 ticket = await gate.acquire()
             except ResourceBusy as busy:
-                outcomes[i] = f"refused {round(busy.expected_wait or 0, 1):g}"
+                outcomes[i] = f"refused {round(busy.expected_wait or 0)}"
             else:
                 outcomes[i] = "served"
                 gate.release(ticket)
 
-        with anyio.fail_after(20):  # later than the gate's 10 s, so it does not shorten it
+        with anyio.fail_after(200):  # later than the gate's 100 s, so it does not shorten it
             async with anyio.create_task_group() as tg:
                 for i in range(6):
                     tg.start_soon(wait, i)
                     await anyio.wait_all_tasks_blocked()
                 assert gate.stats().waiting == 6
-                clock.now += 1.9  # expected waits now 1.9, 3.8, ... 11.4 s; 8.1 s left
+                clock.now += 18.0  # expected waits now 18, 36, ... 108 s; 82 s left
                 while len(outcomes) < 2:
                     await anyio.sleep(0.001)
                 assert gate.stats().waiting == 4, outcomes
@@ -178,8 +192,8 @@ class TestPrediction:
             1: "served",
             2: "served",
             3: "served",
-            4: "refused 9.5",
-            5: "refused 11.4",
+            4: "refused 90",
+            5: "refused 108",
         }
         assert gate.stats().shed == 2
 
@@ -312,3 +326,153 @@ class TestCancellation:
             gate.release(holder)  # granted to "first", which is already cancelled
         assert got == ["second"]
         assert (gate.stats().in_use, gate.stats().waiting) == (0, 0)
+
+
+# -- every pooled adapter, on its real server -----------------------------------------
+
+#: Deadline of the leases below: long enough that a refusal at the deadline is obvious.
+DEADLINE = 5.0
+#: How long the holders stay stuck before the newcomers arrive.
+STUCK = 0.3
+
+
+async def sheds_when_stuck(
+    gate: Gate,
+    take: Callable[[AsyncExitStack], Awaitable[object]],
+) -> None:
+    """Warm *gate* with quick leases, hold every slot, queue waiters; the next is refused at once.
+
+    *take* leases one slot and registers its release on the stack it is given.
+    """
+    for _ in range(5):  # quick leases: the estimate gets its samples
+        async with AsyncExitStack() as stack:
+            await take(stack)
+    async with AsyncExitStack() as holders, anyio.create_task_group() as tg:
+        for _ in range(gate.capacity):
+            await take(holders)
+        await anyio.sleep(STUCK)  # the holders outlive the estimate: it grows with them
+
+        refusals: list[ResourceBusy] = []
+
+        async def queued() -> None:
+            try:
+                async with AsyncExitStack() as stack:
+                    await take(stack)
+            except ResourceBusy as busy:
+                refusals.append(busy)
+
+        admitted = -1
+        with anyio.fail_after(DEADLINE / 2):  # a refusal at the deadline would fail here
+            while not refusals:
+                tg.start_soon(queued)
+                await anyio.wait_all_tasks_blocked()
+                admitted += 1
+        refused = refusals[0]
+        assert refused.expected_wait is not None, "refused by the deadline, not predicted"
+        assert refused.expected_wait > DEADLINE - STUCK - 1.0
+        assert refused.retry_after >= 1
+        assert admitted >= 1
+        assert gate.stats().shed >= 1
+        tg.cancel_scope.cancel()
+    assert (gate.stats().in_use, gate.stats().waiting) == (0, 0)
+
+
+def leasing(
+    app_scope: Any, resource: Resource[Any]
+) -> Callable[[AsyncExitStack], Awaitable[object]]:
+    """*take* for :func:`sheds_when_stuck`: a request scope holding *resource*."""
+
+    async def take(stack: AsyncExitStack) -> object:
+        scope = await stack.enter_async_context(app_scope.child())
+        return await scope.get(resource)
+
+    return take
+
+
+class TestAdaptersShedWhenStuck:
+    """Every pooled adapter refuses at once when its holders are stuck and the queue is long."""
+
+    async def test_postgres(self, pg_dsn: str) -> None:
+        """asyncpg: ``pg.connection`` on a pool of 2."""
+        resources = Resources("t")
+        pg = Postgres(resources, pg_dsn, max_size=2, acquire_timeout=DEADLINE)
+        async with resources.open() as app_scope:
+            await sheds_when_stuck(pg.gate, leasing(app_scope, pg.connection))
+
+    async def test_sqlalchemy(self, pg_dsn: str) -> None:
+        """SQLAlchemy: ``db.connection`` on a pool of 2."""
+        resources = Resources("t")
+        url = pg_dsn.replace("postgresql://", "postgresql+asyncpg://")
+        db = SQLAlchemy(resources, url, pool_size=2, acquire_timeout=DEADLINE)
+        async with resources.open() as app_scope:
+            await sheds_when_stuck(db.gate, leasing(app_scope, db.connection))
+
+    async def test_sqlite_writer(self, tmp_path: Path) -> None:
+        """SQLite: the single writer (``db.transaction``)."""
+        resources = Resources("t")
+        db = SQLite(resources, str(tmp_path / "gate.sqlite3"), acquire_timeout=DEADLINE)
+        async with resources.open() as app_scope:
+            await sheds_when_stuck(db.writer_gate, leasing(app_scope, db.transaction))
+
+    async def test_redis(self, redis_url: str) -> None:
+        """Redis: connections of a pool of 2."""
+        resources = Resources("t")
+        cache = Redis(resources, redis_url, max_connections=2, acquire_timeout=DEADLINE)
+        async with resources.open() as app_scope:
+            client = await app_scope.get(cache.client)
+            pool = client.connection_pool
+
+            async def take(stack: AsyncExitStack) -> object:
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                stack.push_async_callback(pool.release, conn)
+                return conn
+
+            await sheds_when_stuck(cache.gate, take)
+
+    async def test_rabbitmq_channels(self, amqp_url: str) -> None:
+        """RabbitMQ: ``mq.channel`` from a pool of 2 channels."""
+        resources = Resources("t")
+        mq = RabbitMQ(resources, amqp_url, channels=2, acquire_timeout=DEADLINE)
+        async with resources.open() as app_scope:
+            pool = await app_scope.get(mq.channels)
+            await sheds_when_stuck(pool.gate, leasing(app_scope, mq.channel))
+
+    async def test_http_slots(self) -> None:
+        """HTTP: slots held by open streamed responses from a real local server."""
+        async with running_http_server() as url:
+            resources = Resources("t")
+            http = HTTP(resources, base_url=url, max_connections=2, acquire_timeout=DEADLINE)
+            async with resources.open() as app_scope:
+                client = await app_scope.get(http.client)
+                transport = client._transport
+                assert isinstance(transport, SlotTransport)
+
+                async def take(stack: AsyncExitStack) -> object:
+                    return await stack.enter_async_context(client.stream("GET", "/"))
+
+                await sheds_when_stuck(transport.gate, take)
+
+
+@contextlib.asynccontextmanager
+async def running_http_server() -> AsyncIterator[str]:
+    """A real HTTP/1.1 server on 127.0.0.1 answering every request with a short body."""
+
+    async def answer(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += await stream.receive()
+                    await stream.send(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, answer)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            tg.cancel_scope.cancel()
