@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
+from ._app_scope import AppScope
 from ._observe import Observer, combine
 from ._plan import Plan, compile_plan, recipe_for
 from ._resource import Level, ReleaseWhen, Resource
-from ._scope import AppScope, Scope
+from ._scope import Scope
 from .exceptions import ResourceMisuse, ScopeClosed, ScopeViolation
 
 if TYPE_CHECKING:

@@ -33,9 +33,10 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.routing import Mount
 
+from ._app_scope import AppScope
 from ._failures import cause_of, current_route, log_failure, outage_of
 from ._resource import Level, Resource
-from ._scope import AppScope, Scope
+from ._scope import Scope
 from .exceptions import ReleaseFailed, ResourceBusy, ResourceMisuse, ScopeClosed
 
 if TYPE_CHECKING:

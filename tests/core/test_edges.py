@@ -380,7 +380,7 @@ class TestMoreEdges:
 
     async def test_open_app_scopes_lists_the_open_ones(self) -> None:
         """The process-wide list of open app scopes follows open and close."""
-        from scoped_resources._scope import open_app_scopes
+        from scoped_resources._app_scope import open_app_scopes
 
         resources = Resources()
         async with resources.open() as app_scope:

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
+from .._app_scope import AppScope
 from .._registry import Resources
 from .._resource import Resource
-from .._scope import AppScope
 
 if TYPE_CHECKING:
     import httpx

@@ -69,9 +69,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import pytest
 
+from .._app_scope import AppScope
 from .._registry import Resources
 from .._resource import Resource
-from .._scope import AppScope, Scope
+from .._scope import Scope
 from ._databases import (
     DEFAULT_PREFIX,
     Migrations,

@@ -1,0 +1,82 @@
+"""Acquiring: making a resource's instance and recording how to release it."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+from ._guard import DeadlineExpired, bounded
+from ._lease import HELD, Lease
+from ._observe import Observer
+from ._release import _release_all
+from ._resource import Kind
+from .exceptions import (
+    ResourceBusy,
+    ResourceMisuse,
+)
+
+
+async def _enter(lease: Lease, kwargs: dict[str, Any]) -> None:
+    """Make the instance; store its value and how to release it on *lease*."""
+    res = lease.resource
+    kind = res.kind
+    factory = res.call
+    if kind is Kind.ASYNC_GEN:
+        gen = factory(**kwargs)
+        try:
+            value = await gen.__anext__()
+        except StopAsyncIteration:
+            raise ResourceMisuse(
+                res.name, "its generator ended without yielding", "yield the instance once"
+            ) from None
+        lease.exit = gen
+    elif kind is Kind.CONTEXT or kind is Kind.INSTANCE:
+        cm = factory(**kwargs) if kind is Kind.CONTEXT else factory
+        value = await cm.__aenter__()
+        lease.exit = cm
+    else:
+        value = await factory(**kwargs) if kind is Kind.ASYNC_FN else factory(**kwargs)
+        if hasattr(value, "__aenter__") and hasattr(value, "__aexit__"):
+            cm = value
+            value = await cm.__aenter__()
+            lease.exit = cm
+    if inspect.iscoroutine(value):
+        value.close()
+        lease.value = None
+        lease.state = HELD
+        misuse = ResourceMisuse(
+            res.name,
+            "it produced an un-awaited coroutine",
+            "add the missing 'await' where the factory makes its instance",
+        )
+        if lease.exit is not None:
+            await _release_all([lease], misuse, None)
+        raise misuse
+    lease.value = value
+
+
+async def _enter_bounded(lease: Lease, kwargs: dict[str, Any]) -> None:
+    """Enter *lease* within its resource's acquire deadline, else ResourceBusy."""
+    timeout = lease.resource.acquire_timeout
+    if timeout is None:
+        await _enter(lease, kwargs)
+        return
+    try:
+        await bounded(_enter(lease, kwargs), timeout)
+    except DeadlineExpired:
+        raise ResourceBusy(lease.resource.name, timeout) from None
+
+
+async def _enter_observed(
+    lease: Lease, kwargs: dict[str, Any], observer: Observer, *, bounded: bool = True
+) -> None:
+    res = lease.resource
+    observer.acquire_started(res)
+    started = time.perf_counter()
+    try:
+        await (_enter_bounded(lease, kwargs) if bounded else _enter(lease, kwargs))
+    except BaseException as exc:
+        observer.acquire_failed(res, time.perf_counter() - started, isinstance(exc, ResourceBusy))
+        raise
+    observer.acquired(res, time.perf_counter() - started)
