@@ -17,7 +17,10 @@ exception group), is one of:
 * a SQLAlchemy error that invalidated its connection;
 * redis-py's ``ConnectionError`` or ``TimeoutError``; aio-pika's (aiormq's)
   connection errors and closed channels;
-* a release that overran its deadline (:class:`ReleaseTimeout`).
+* a release that overran its deadline (:class:`ReleaseTimeout`);
+* an error an adapter marked with :func:`mark_outage`, because it saw that its
+  connection had died (asyncpg's "another operation is in progress" after the
+  server sent a fatal error and hung up, say).
 
 A driver module that was never imported cannot have raised, so nothing here
 imports a driver.
@@ -25,6 +28,7 @@ imports a driver.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import logging
@@ -37,7 +41,16 @@ from collections.abc import Callable, Iterator
 
 from .exceptions import ReleaseTimeout
 
-__all__ = ["TracebackLimiter", "cause_of", "current_route", "log_failure", "outage_of"]
+__all__ = [
+    "TracebackLimiter",
+    "cause_of",
+    "current_route",
+    "log_failure",
+    "mark_outage",
+    "outage_of",
+]
+
+_MARK = "__scoped_resources_outage__"
 
 #: "GET /items/{item_id}" of the request being served (set by the FastAPI integration).
 current_route: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -123,7 +136,15 @@ def _kind(err: BaseException) -> str:
     }.get(module, "")
 
 
+def mark_outage(err: BaseException, kind: str) -> None:
+    """Record that *err* happened because *kind* (``"database"``...) went away."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type with __slots__
+        setattr(err, _MARK, kind)
+
+
 def _is_outage(err: BaseException, drivers: tuple[type[BaseException], ...]) -> bool:
+    if getattr(err, _MARK, None):
+        return True
     if isinstance(err, ReleaseTimeout | ConnectionError | TimeoutError | socket.gaierror):
         return True
     if isinstance(err, OSError) and err.errno in _NETWORK_ERRNOS:

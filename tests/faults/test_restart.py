@@ -6,8 +6,6 @@ what a failover or an upgrade does. Each scenario holds the machine's disruption
 lock and always starts the server again, waiting until it answers.
 """
 
-from __future__ import annotations
-
 import os
 import time
 from collections import Counter
@@ -15,13 +13,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import anyio
 import asyncpg
 import httpx
 import pytest
 import redis.asyncio
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 
+from scoped_resources import Resources, Use
+from scoped_resources.adapters.postgres import Postgres
 from scoped_resources.testing import TempPostgres
 
 from ._harness import fetchval, latency_ms, report, running_service, wait_until
@@ -57,6 +60,7 @@ class Outcome:
     end: float
     status: int | str
     retry_after: str | None = None
+    body: str = ""
 
     @property
     def ok(self) -> bool:
@@ -144,11 +148,12 @@ async def _load(
                     response = await client.get(path)
                 status: int | str = response.status_code
                 retry_after = response.headers.get("retry-after")
+                body = response.text[:500] if status >= 500 and status != 503 else ""
                 if status == 201 and path == "/items":
                     written.append(int(response.json()["id"]))
             except httpx.HTTPError as exc:
-                status = type(exc).__name__
-            outcomes.append(Outcome(path, start, time.monotonic(), status, retry_after))
+                status, body = type(exc).__name__, str(exc)
+            outcomes.append(Outcome(path, start, time.monotonic(), status, retry_after, body))
             if not (isinstance(status, int) and status < 500):
                 await anyio.sleep(0.01)  # a client that retries, not a busy loop
 
@@ -158,7 +163,7 @@ async def _load(
 
 
 async def _restart_under_load(
-    url: str,
+    client: httpx.AsyncClient,
     paths: Callable[[int, int], tuple[str, str]],
     stop_cmd: list[str],
     start_cmd: list[str],
@@ -167,11 +172,7 @@ async def _restart_under_load(
     outcomes: list[Outcome] = []
     written: list[int] = []
     stop = anyio.Event()
-    async with (
-        disruption_lock(),
-        httpx.AsyncClient(base_url=url, timeout=CLIENT_TIMEOUT) as client,
-        anyio.create_task_group() as tg,
-    ):
+    async with disruption_lock(), anyio.create_task_group() as tg:
         tg.start_soon(_load, client, paths, outcomes, written, stop)
         try:
             await anyio.sleep(BEFORE)
@@ -228,7 +229,8 @@ def _judge(run: RestartRun) -> None:
     failed = run.failed()
     assert failed, "no request failed: the server was not really stopped under load"
     statuses = Counter(str(o.status) for o in failed)
-    assert set(statuses) == {"503"}, f"{statuses}; see the service log:\n{run.log[-6000:]}"
+    bodies = [o.body for o in failed if o.status != 503][:5]
+    assert set(statuses) == {"503"}, f"{statuses}: {bodies}; the log:\n{run.log[-6000:]}"
     assert all(o.retry_after and int(o.retry_after) >= 1 for o in failed)
     assert run.first_ok is not None, "no success after the restart"
     assert run.first_ok - run.answering_at <= FIRST_SUCCESS_BUDGET
@@ -248,9 +250,12 @@ class TestPostgresRestart:
         def paths(w: int, i: int) -> tuple[str, str]:
             return ("POST", "/items") if i % 2 else ("GET", "/items?limit=5")
 
-        async with running_service(service_env, tmp_path) as svc:
+        async with (
+            running_service(service_env, tmp_path) as svc,
+            httpx.AsyncClient(base_url=svc.url, timeout=CLIENT_TIMEOUT) as client,
+        ):
             run = await _restart_under_load(
-                svc.url,
+                client,
                 paths,
                 [*PG_CTL, "stop", "-m", "fast"],
                 [*PG_CTL, "start"],
@@ -283,10 +288,70 @@ class TestRedisRestart:
                 return "GET", "/combo"
             return "GET", "/cache/restart-missing"
 
-        async with running_service(service_env, tmp_path) as svc:
+        async with (
+            running_service(service_env, tmp_path) as svc,
+            httpx.AsyncClient(base_url=svc.url, timeout=CLIENT_TIMEOUT) as client,
+        ):
             run = await _restart_under_load(
-                svc.url, paths, REDIS_STOP, REDIS_START, lambda: _redis_answers(redis_url)
+                client, paths, REDIS_STOP, REDIS_START, lambda: _redis_answers(redis_url)
             )
             run.log = svc.log_text()
         _figures(run, "redis_restart")
         _judge(run)
+
+
+def _asyncpg_app(dsn: str) -> FastAPI:
+    """An app on the asyncpg adapter with no error handlers of its own: the library's answers."""
+    resources = Resources("restart")
+    pg = Postgres(resources, dsn, name="pg", max_size=5)
+    app = FastAPI(lifespan=resources.lifespan)
+
+    @app.get("/items")
+    async def list_items(conn: Annotated[asyncpg.Connection, Use(pg.connection)]) -> list[int]:
+        return [r["id"] for r in await conn.fetch("SELECT id FROM t ORDER BY id DESC LIMIT 5")]
+
+    @app.post("/items", status_code=201)
+    async def create_item(
+        body: dict[str, str], conn: Annotated[asyncpg.Connection, Use(pg.transaction)]
+    ) -> dict[str, int]:
+        item_id = await conn.fetchval("INSERT INTO t (name) VALUES ($1) RETURNING id", body["name"])
+        return {"id": int(item_id)}
+
+    return app
+
+
+class TestPostgresRestartOnAsyncpg:
+    """The same restart on the asyncpg adapter, answered by the library alone."""
+
+    @pytest.mark.timeout(120)
+    async def test_restart_answers_503_and_loses_no_write(self, fault_db: TempPostgres) -> None:
+        """No 500 from the asyncpg path; every failure 503 with Retry-After; every 201 stored."""
+        dsn = fault_db.dsn
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE t (id bigserial PRIMARY KEY, name text NOT NULL)")
+        finally:
+            await conn.close()
+
+        def paths(w: int, i: int) -> tuple[str, str]:
+            return ("POST", "/items") if i % 2 else ("GET", "/items")
+
+        async with LifespanManager(_asyncpg_app(dsn)) as manager:
+            transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://app", timeout=CLIENT_TIMEOUT
+            ) as client:
+                run = await _restart_under_load(
+                    client,
+                    paths,
+                    [*PG_CTL, "stop", "-m", "fast"],
+                    [*PG_CTL, "start"],
+                    lambda: _pg_answers(dsn),
+                )
+        stored = await fetchval(
+            dsn, "SELECT count(*) FROM t WHERE id = ANY($1::bigint[])", run.written
+        )
+        _figures(run, "postgres_restart_asyncpg")
+        report("postgres_restart_asyncpg_writes", acknowledged=len(run.written), stored=stored)
+        _judge(run)
+        assert stored == len(run.written), "an acknowledged write is missing"

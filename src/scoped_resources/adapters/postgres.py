@@ -29,12 +29,14 @@ the pool: asyncpg reconnects closed connections on acquire, and a connection tha
 fails while leased is terminated on release instead of returned.
 """
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import anyio
 
+from .._failures import log_failure, mark_outage, outage_of
 from .._registry import Resources
 from .._resource import Resource
 from ..fastapi import Use
@@ -42,6 +44,8 @@ from ._common import redact
 from ._gate import Gate
 
 __all__ = ["Postgres"]
+
+_logger = logging.getLogger("scoped_resources")
 
 
 class Postgres:
@@ -103,11 +107,20 @@ class Postgres:
                 raise
             try:
                 yield conn
+            except BaseException as exc:
+                _mark_if_closed(conn, exc)
+                raise
             finally:
                 try:
                     # Shielded and bounded by the core; asyncpg resets the connection
                     # (rolls back what is left open) or terminates it.
                     await pool.release(conn)
+                except Exception as err:  # noqa: BLE001 - reported, and harmless here
+                    # asyncpg terminated the connection when its reset failed (a server
+                    # that went away mid-request). The request's work was committed or
+                    # rolled back before this: failing the request would tell the client
+                    # that a stored write failed.
+                    log_failure(_logger, "returning", f"{name}.connection", err)
                 finally:
                     self.gate.release(ticket)
 
@@ -138,10 +151,15 @@ class Postgres:
                 raise
             try:
                 yield conn
-            except BaseException:
+            except BaseException as exc:
+                _mark_if_closed(conn, exc)
                 await tx.rollback()
                 raise
-            await tx.commit()
+            try:
+                await tx.commit()
+            except Exception as exc:
+                _mark_if_closed(conn, exc)
+                raise
 
         self.transaction: Resource[Any] = resources.request(
             name=f"{name}.transaction",
@@ -193,6 +211,21 @@ class Postgres:
             return type(exc)(clean)
         except Exception:  # noqa: BLE001 - some driver errors take other arguments
             return ConnectionError(f"{type(exc).__name__}: {clean}")
+
+
+def _mark_if_closed(conn: Any, exc: BaseException) -> None:
+    """Mark *exc* as a database outage when *conn* died under it.
+
+    After the server sends a fatal error and hangs up, asyncpg reports the next
+    use as "another operation is in progress" or "the underlying connection is
+    closed", which say nothing of an outage by themselves.
+    """
+    try:
+        closed = bool(conn.is_closed())
+    except Exception:  # noqa: BLE001 - a connection already handed back: nothing to tell
+        return
+    if closed and isinstance(exc, Exception) and outage_of(exc) is None:
+        mark_outage(exc, "database")
 
 
 def _secrets(dsn: str, password: object) -> tuple[str, ...]:
