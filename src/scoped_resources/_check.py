@@ -1,0 +1,201 @@
+"""Checking an app's resource graph without opening anything.
+
+The same compilation the lifespan runs at start-up (every resource's recipe, the
+app-scope sharing rule, the cycle search, the route checks), but each problem is
+collected instead of raised, so one run lists all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import AppScope
+from ._plan import Recipe, _check_shareable, _recipe
+from ._registry import Resources
+from ._resource import Resource
+from .exceptions import DependencyCycle, MissingDependency, PlanError, ScopeViolation
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One reason the graph would not start: its kind, both ends, and the message."""
+
+    kind: str
+    registry: str
+    resource: str
+    #: The other end of the bad edge (a dependency, a parameter or a route), if any.
+    other: str | None
+    message: str
+
+    def line(self) -> str:
+        """The problem as one line of text."""
+        return f"{self.kind}: {self.message}"
+
+
+def registries_of(app: Any, module: object | None = None) -> list[Resources]:
+    """Every registry *app* uses: its lifespan's, its routes', and *module*'s globals."""
+    found: dict[int, Resources] = {}
+
+    def add(obj: object) -> None:
+        if isinstance(obj, Resources):
+            found.setdefault(id(obj), obj)
+
+    router = getattr(app, "router", app)
+    lifespan = getattr(router, "lifespan_context", None)
+    add(getattr(lifespan, "__self__", None))
+    for cell in getattr(lifespan, "__closure__", None) or ():
+        add(cell.cell_contents)
+    state = getattr(app, "state", None)
+    add(getattr(state, "resources", None))
+    for route in routes_of(app):
+        for resource in route_resources(route):
+            add(resource.registry)
+    if module is not None:
+        for value in vars(module).values():
+            add(value)
+    return list(found.values())
+
+
+def routes_of(app: Any) -> list[Any]:
+    """The API and websocket routes of *app*, mounted sub-apps included."""
+    from .fastapi import _routes
+
+    return _routes(getattr(app, "router", app))
+
+
+def route_label(route: Any) -> str:
+    """``GET /users/{uid}``, or the path alone for a websocket."""
+    methods = sorted(getattr(route, "methods", None) or ())
+    path = getattr(route, "path", "?")
+    return f"{','.join(methods)} {path}" if methods else f"WS {path}"
+
+
+def route_resources(route: Any) -> list[Resource[Any]]:
+    """The resources *route* asks for directly (through its dependencies, in order)."""
+    seen: dict[Resource[Any], None] = {}
+
+    def walk(dependant: Any) -> None:
+        for sub in dependant.dependencies:
+            res = getattr(sub.call, "__scoped_resource__", None)
+            if isinstance(res, Resource):
+                seen.setdefault(res, None)
+            walk(sub)
+
+    walk(route.dependant)
+    return list(seen)
+
+
+def recipes(registry: Resources) -> dict[Resource[Any], Recipe | PlanError]:
+    """Each resource's recipe as start-up compiles it, or the error compiling it raised."""
+    ctx = _startup_context()
+    out: dict[Resource[Any], Recipe | PlanError] = {}
+    for res in registry.resources:
+        try:
+            out[res] = _recipe(res, registry._values, registry, ctx)
+        except PlanError as err:
+            out[res] = err
+    return out
+
+
+def check(app: Any, registries: Iterable[Resources]) -> list[Problem]:
+    """Every problem start-up would find in *app* with *registries*; empty when sound."""
+    problems: list[Problem] = []
+    for registry in registries:
+        compiled = recipes(registry)
+        for res, recipe in compiled.items():
+            if isinstance(recipe, PlanError):
+                problems.append(_problem(registry, res.name, recipe))
+            try:
+                _check_shareable(res)
+            except PlanError as err:
+                problems.append(_problem(registry, res.name, err))
+        for cycle in _cycles(compiled):
+            message = str(DependencyCycle([r.name for r in cycle]))
+            problems.append(Problem("cycle", registry.name, cycle[0].name, cycle[-2].name, message))
+        for route in routes_of(app):
+            problems.extend(_route_problems(app, route, registry))
+    return problems
+
+
+def _startup_context() -> frozenset[type]:
+    from fastapi import Request
+
+    return frozenset({Request, AppScope})
+
+
+def _route_problems(app: Any, route: Any, registry: Resources) -> Iterator[Problem]:
+    from .fastapi import _check_dependant
+
+    label = route_label(route)
+    for res in route_resources(route):
+        if res.registry is not registry and not _lifespan_opens(app, res.registry):
+            yield Problem(
+                "foreign",
+                registry.name,
+                res.name,
+                label,
+                f"route {label!r} asks for resource {res.name!r} of registry "
+                f"{getattr(res.registry, 'name', '?')!r}, which this app's lifespan never "
+                "opens; declare it in the app's registry or open its registry in the lifespan",
+            )
+    try:
+        _check_dependant(route.dependant, route, registry)
+    except PlanError as err:
+        yield _problem(registry, getattr(err, "resource", "?"), err, other=label)
+
+
+def _lifespan_opens(app: Any, registry: object) -> bool:
+    lifespan = getattr(getattr(app, "router", app), "lifespan_context", None)
+    if getattr(lifespan, "__self__", None) is registry:
+        return True
+    return any(c.cell_contents is registry for c in getattr(lifespan, "__closure__", None) or ())
+
+
+def _problem(
+    registry: Resources, resource: str, err: PlanError, other: str | None = None
+) -> Problem:
+    if isinstance(err, MissingDependency):
+        kind = "foreign" if "another Resources registry" in str(err) else "missing"
+        other = f"{err.parameter} ({err.wanted})"
+    elif isinstance(err, ScopeViolation):
+        kind, other = "scope", err.dependency
+    elif "sync function" in str(err):
+        kind = "sync-async"
+    elif "concurrent requests would race" in str(err):
+        kind = "unshareable"
+    else:
+        kind = "misuse"
+    return Problem(kind, registry.name, resource, other, str(err))
+
+
+def _cycles(compiled: dict[Resource[Any], Recipe | PlanError]) -> list[list[Resource[Any]]]:
+    """Each distinct cycle once, as a closed path (first == last)."""
+    state: dict[Resource[Any], int] = {}
+    found: list[list[Resource[Any]]] = []
+    seen_sets: set[frozenset[Resource[Any]]] = set()
+
+    def visit(res: Resource[Any], path: list[Resource[Any]]) -> None:
+        mark = state.get(res)
+        if mark == 2:
+            return
+        if mark == 1:
+            cycle = [*path[path.index(res) :], res]
+            key = frozenset(cycle)
+            if key not in seen_sets:
+                seen_sets.add(key)
+                found.append(cycle)
+            return
+        state[res] = 1
+        path.append(res)
+        recipe = compiled.get(res)
+        if isinstance(recipe, Recipe):
+            for _, dep in recipe.deps:
+                visit(dep, path)
+        path.pop()
+        state[res] = 2
+
+    for root in compiled:
+        visit(root, [])
+    return found
