@@ -1,7 +1,8 @@
 """``python -m service``: migrate the database, then serve on HOST:PORT.
 
 ``python -m service migrate`` only migrates. ``WORKERS=N`` (N > 1) runs N worker
-processes on one port. Bad settings end the program with exit code 2 and one line
+processes on one port. Bad settings, or database pools beyond the server's connection
+budget (DB_POOL_SIZE x DB_REPLICAS), end the program with exit code 2 and one line
 per problem, naming the environment variable.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from .database import make_engine, migrate
+from .database import PoolBudgetExceeded, check_pool_budget, make_engine, migrate
 from .settings import Settings
 
 
@@ -33,9 +34,10 @@ def load_settings() -> Settings:
 
 
 async def run_migrations(settings: Settings) -> None:
-    """Bring the database schema up to date."""
+    """Check the pool budget, then bring the database schema up to date."""
     engine = make_engine(settings)
     try:
+        await check_pool_budget(engine, settings)
         await migrate(engine)
     finally:
         await engine.dispose()
@@ -62,7 +64,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m service [serve|migrate]", file=sys.stderr)
         return 2
     settings = load_settings()
-    asyncio.run(run_migrations(settings))
+    try:
+        asyncio.run(run_migrations(settings))
+    except PoolBudgetExceeded as exc:
+        print(f"service: {exc}", file=sys.stderr)
+        return 2
     if command == "migrate":
         print("service: the database schema is up to date", flush=True)
         return 0

@@ -50,6 +50,7 @@ from scoped_resources.fastapi import health_routes, outage_of
 from . import errors
 from .cache import Cache, MemoryCache, RedisCache
 from .database import (
+    check_pool_budget,
     engine_options,
     make_data_dir,
     migrate,
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def schema(engine: Annotated[AsyncEngine, Use(sql.engine)]) -> AsyncEngine:
         await anyio.to_thread.run_sync(make_data_dir, settings)
         prepare_engine(engine)
+        await check_pool_budget(engine, settings)
         await migrate(engine)
         return engine
 

@@ -10,6 +10,7 @@ instead of deadlocking on the upgrade from a read lock.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,76 @@ WRITE = "service_write"
 _MIGRATION_LOCK = 0x7376635F6D696772
 
 
+class PoolBudgetExceeded(RuntimeError):
+    """Raised when the replicas' pools together could open more connections than the server allows.
+
+    Checked at start-up: ``DB_POOL_SIZE x DB_REPLICAS`` against the server's
+    ``max_connections``, less its reserved slots and the sessions other clients
+    hold right now. The message names every number and the ways out.
+    """
+
+
 def engine_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for ``create_async_engine`` (via the SQLAlchemy adapter)."""
     options: dict[str, Any] = {"pool_size": settings.db_pool_size}
     if settings.is_sqlite:
         options["connect_args"] = {"timeout": 30}
+        return options
+    connect_args: dict[str, Any] = {
+        "server_settings": {"application_name": settings.database_application_name}
+    }
+    if settings.database_pgbouncer:
+        # Transaction pooling hands each transaction any server connection: a statement
+        # prepared and cached on one is unknown on the next, and asyncpg's numbered
+        # names collide between clients. SQLAlchemy prepares and runs a statement in
+        # one transaction, so unique names and no caches are enough.
+        connect_args.update(
+            statement_cache_size=0,
+            prepared_statement_cache_size=0,
+            prepared_statement_name_func=_statement_name,
+        )
+    options["connect_args"] = connect_args
     return options
+
+
+def _statement_name() -> str:
+    return f"__sr_{uuid.uuid4().hex}__"
+
+
+_BUDGET = text(
+    "SELECT current_setting('max_connections')::int,"
+    " current_setting('superuser_reserved_connections')::int,"
+    " coalesce(current_setting('reserved_connections', true), '0')::int,"
+    " (SELECT count(*) FROM pg_stat_activity"
+    "  WHERE backend_type = 'client backend' AND application_name <> :name)"
+)
+
+
+async def check_pool_budget(engine: AsyncEngine, settings: Settings) -> None:
+    """Refuse to start when ``DB_POOL_SIZE x DB_REPLICAS`` exceeds the server's free slots.
+
+    The service's own sessions (its ``application_name``) are left out of the
+    sessions in use: they are the replicas' pools being counted. Nothing is checked
+    on SQLite, nor behind PgBouncer (whose pool, not ours, bounds the server's).
+    """
+    if engine.dialect.name != "postgresql" or settings.database_pgbouncer:
+        return
+    async with engine.connect() as conn:
+        row = (await conn.execute(_BUDGET, {"name": settings.database_application_name})).one()
+    max_connections, superuser_reserved, reserved, in_use = (int(v) for v in row)
+    free = max_connections - superuser_reserved - reserved - in_use
+    wanted = settings.db_pool_size * settings.db_replicas
+    if wanted <= free:
+        return
+    fits = max(free // settings.db_replicas, 0)
+    raise PoolBudgetExceeded(
+        f"the database pools would exceed PostgreSQL's connection budget: DB_POOL_SIZE="
+        f"{settings.db_pool_size} x DB_REPLICAS={settings.db_replicas} = {wanted} connections, "
+        f"but max_connections={max_connections} - superuser_reserved_connections="
+        f"{superuser_reserved} - reserved_connections={reserved} - {in_use} sessions in use "
+        f"by other clients leaves {free}. Lower DB_POOL_SIZE to {fits} or less, raise "
+        "max_connections on the server, or put PgBouncer in front (DATABASE_PGBOUNCER=1)"
+    )
 
 
 def make_data_dir(settings: Settings) -> None:

@@ -40,6 +40,25 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_json_bytes: int = Field(default=64 * 1024, ge=256)
     db_pool_size: int = Field(default=10, ge=1, le=1000)
+    db_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Replicas sharing the PostgreSQL server: the start-up check counts "
+        "DB_POOL_SIZE x DB_REPLICAS against its max_connections.",
+    )
+    database_pgbouncer: bool = Field(
+        default=False,
+        description="DATABASE_URL is a PgBouncer in transaction mode: no prepared statement "
+        "cache, unique statement names; the pool budget is PgBouncer's, not checked here.",
+    )
+    database_application_name: str = Field(
+        default="sr-service",
+        min_length=1,
+        max_length=63,
+        description="application_name of the service's PostgreSQL sessions (the pool budget "
+        "check counts other names as connections already in use).",
+    )
     cache_prefix: str = Field(default="sr:", max_length=64)
     events_exchange: str = Field(default="service.events", min_length=1, max_length=255)
     outbox_relay: bool = Field(
