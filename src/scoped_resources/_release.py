@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from ._failures import log_failure
 from ._guard import DeadlineExpired, native_task, on_timer
 from ._lease import FAILED, RELEASED, RELEASING, TERMINATED, Lease
 from ._observe import Observer
@@ -255,12 +256,8 @@ def _report(
     interrupt: BaseException | None,
 ) -> bool:
     for err in errors:
-        logger.error(
-            "scope %r: releasing resource %r failed",
-            scope,
-            getattr(err, "__scoped_resource__", "?"),
-            exc_info=err,
-        )
+        # One record per failure; its traceback once a minute per cause (or at DEBUG).
+        log_failure(logger, "releasing", getattr(err, "__scoped_resource__", "?"), err)
     if interrupt is not None:
         raise interrupt
     if errors:

@@ -163,3 +163,88 @@ class TestCommitFailure:
         assert good_events == WRITES
         assert quiet_after is not None, "a service connection stays busy"
         assert after.status_code == 201
+
+
+REFUSED = 100
+
+
+async def _refused_commits(
+    service_env: dict[str, str], fault_db: TempPostgres, tmp_path: Path
+) -> tuple[list[int], list[str], str]:
+    """Send REFUSED poisoned writes; their statuses, problem details and the service log."""
+    async with running_service(service_env, tmp_path) as svc:
+        conn = await probe(fault_db.dsn)
+        try:
+            for statement in POISON:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+        statuses: list[int] = []
+        details: list[str] = []
+        limiter = anyio.Semaphore(CONCURRENCY)
+        async with httpx.AsyncClient(base_url=svc.url, timeout=30) as client:
+
+            async def write(i: int) -> None:
+                async with limiter:
+                    response = await client.post("/items", json={"name": f"poison-{i}"})
+                    statuses.append(response.status_code)
+                    details.append(str(response.json().get("detail", "")))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(REFUSED):
+                    tg.start_soon(write, i)
+        log = svc.log_text()
+    return statuses, details, log
+
+
+class TestCommitRefusedLogs:
+    """A refused COMMIT is one log record, not a chained traceback per request."""
+
+    @pytest.mark.timeout(90)
+    async def test_a_hundred_refused_commits_are_a_hundred_records_and_one_traceback(
+        self, service_env: dict[str, str], fault_db: TempPostgres, tmp_path: Path
+    ) -> None:
+        """100 refused commits: 100 WARNING lines naming resource, route and cause; 1 traceback."""
+        statuses, details, log = await _refused_commits(service_env, fault_db, tmp_path)
+        lines = log.splitlines()
+        at = [i for i, line in enumerate(lines) if "releasing resource 'tx' failed" in line]
+        records = [lines[i] for i in at]
+        with_traceback = [i for i in at if i + 1 < len(lines) and lines[i + 1].startswith("Trace")]
+        report(
+            "commit_refused_logs",
+            writes=REFUSED,
+            statuses=sorted(set(statuses)),
+            records=len(records),
+            records_with_traceback=len(with_traceback),
+            traceback_parts=log.count("Traceback"),
+            log_lines=len(log.splitlines()),
+        )
+        assert statuses == [500] * REFUSED
+        assert all("commit refused by the fault suite" in d for d in details), details[0]
+        assert len(records) == REFUSED
+        assert all(line.startswith("WARNING scoped_resources:") for line in records), records[0]
+        assert all("on POST /items" in line and "RaiseError (P0001)" in line for line in records)
+        assert len(with_traceback) == 1
+        assert log.count("Traceback") == 3  # the one traceback: driver, adapter, SQLAlchemy
+        assert "Exception in ASGI application" not in log
+
+    @pytest.mark.timeout(90)
+    async def test_json_logs_carry_resource_route_and_cause(
+        self, service_env: dict[str, str], fault_db: TempPostgres, tmp_path: Path
+    ) -> None:
+        """With LOG_FORMAT=json every log line is one JSON object; failures carry their fields."""
+        service_env["LOG_FORMAT"] = "json"
+        statuses, _, log = await _refused_commits(service_env, fault_db, tmp_path)
+        docs = [json.loads(line) for line in log.splitlines()]
+        failures = [d for d in docs if d.get("resource") == "tx"]
+        assert statuses == [500] * REFUSED
+        assert len(failures) == REFUSED
+        first = failures[0]
+        assert {"time", "level", "logger", "message", "route", "cause"} <= set(first)
+        assert (first["level"], first["logger"], first["route"]) == (
+            "WARNING",
+            "scoped_resources",
+            "POST /items",
+        )
+        assert first["cause"] == "RaiseError (P0001): commit refused by the fault suite"
+        assert sum("traceback" in d for d in failures) == 1
