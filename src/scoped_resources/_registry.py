@@ -396,21 +396,51 @@ class Resources:
         return self._open[0].child(name)
 
     def lifespan(self, app: Any) -> AbstractAsyncContextManager[dict[str, Any]]:
-        """The FastAPI/Starlette lifespan: ``FastAPI(lifespan=resources.lifespan)``."""
-        from .fastapi import lifespan
+        """The app's lifespan: ``FastAPI(lifespan=resources.lifespan)``.
 
-        return lifespan(self, app)
+        The framework integration that serves *app* provides it (importing
+        ``scoped_resources.fastapi``, or ``Use``, loads the FastAPI one).
+        """
+        return _lifespan_for(app)(self, app, None)
 
     def wrap_lifespan(
         self, user_lifespan: Callable[[Any], AbstractAsyncContextManager[Any]]
     ) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
         """A lifespan that opens the resources, then runs *user_lifespan* inside it."""
-        from .fastapi import lifespan
 
         def wrapped(app: Any) -> AbstractAsyncContextManager[dict[str, Any]]:
-            return lifespan(self, app, user_lifespan)
+            return _lifespan_for(app)(self, app, user_lifespan)
 
         return wrapped
+
+
+#: A framework integration's lifespan: (registry, app, the user's lifespan or None).
+Lifespan = Callable[
+    [Resources, Any, Callable[[Any], AbstractAsyncContextManager[Any]] | None],
+    AbstractAsyncContextManager[dict[str, Any]],
+]
+
+#: The lifespans of the framework integrations loaded, each with the apps it serves.
+_LIFESPANS: list[tuple[Callable[[Any], bool], Lifespan]] = []
+
+
+def register_lifespan(serves: Callable[[Any], bool], lifespan: Lifespan) -> None:
+    """Let ``Resources.lifespan`` open resources for the apps *serves* accepts.
+
+    A framework integration calls this once, when it is imported; the core knows
+    no framework.
+    """
+    _LIFESPANS.insert(0, (serves, lifespan))
+
+
+def _lifespan_for(app: Any) -> Lifespan:
+    for serves, lifespan in _LIFESPANS:
+        if serves(app):
+            return lifespan
+    raise TypeError(
+        f"no framework integration serves {type(app).__qualname__} apps; import its "
+        "integration first (for FastAPI or Starlette: 'import scoped_resources.fastapi')"
+    )
 
 
 def _caller_locals() -> dict[str, Any] | None:

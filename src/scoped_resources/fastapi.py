@@ -31,10 +31,12 @@ import anyio
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, params
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, APIWebSocketRoute
+from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from ._app_scope import AppScope
 from ._failures import cause_of, current_route, log_failure, outage_of
+from ._registry import register_lifespan
 from ._resource import Level, Resource
 from ._scope import Scope
 from .exceptions import ReleaseFailed, ResourceBusy, ResourceMisuse, ScopeClosed
@@ -506,6 +508,14 @@ async def _sweeping(app_scope: AppScope, registry: Resources) -> AsyncIterator[N
         app_scope._sweeper = None
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _serves(app: Any) -> bool:
+    """Whether *app* is a Starlette app (FastAPI is one)."""
+    return isinstance(app, Starlette)
+
+
+register_lifespan(_serves, lifespan)
 
 
 def check_routes(app: Any, registry: Resources) -> None:
