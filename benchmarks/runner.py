@@ -410,7 +410,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """The issue's HTTP targets: (target, met, figures)."""
+    """The HTTP targets: (target, met, figures)."""
     checks: list[tuple[str, bool, str]] = []
     cells = result["cells"]
     for endpoint, row in cells.items():

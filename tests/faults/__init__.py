@@ -1,1 +1,1 @@
-"""Black-box fault suite: the reference service as a real process on real servers (issue 6)."""
+"""Black-box fault suite: the reference service as a real process on real servers."""

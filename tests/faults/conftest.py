@@ -23,7 +23,7 @@ from scoped_resources.testing import (
 def pytest_configure(config: pytest.Config) -> None:
     """Register the ``faults`` marker."""
     config.addinivalue_line(
-        "markers", "faults: black-box fault scenarios against the service process (issue 6)"
+        "markers", "faults: black-box fault scenarios against the service process"
     )
 
 

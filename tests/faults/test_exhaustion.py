@@ -35,7 +35,7 @@ WARM_UP = 4 * POOL_SIZE
 #: How long a request may wait for a connection: the acquire deadline of the
 #: SQLAlchemy adapter's ``db.connection`` (its default, which the service keeps).
 ACQUIRE_DEADLINE = 5.0
-#: Every refusal is answered within its deadline plus this (the issue's bound).
+#: Every refusal is answered within its deadline plus this (the bound asked for).
 SLACK = 0.1
 #: The lock (the slowness) lasts past the deadline, so that the extras must give up.
 LOCK_SECONDS = ACQUIRE_DEADLINE + 2.0
