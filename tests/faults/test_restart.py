@@ -78,6 +78,8 @@ class RestartRun:
     first_ok: float | None
     written: list[int] = field(default_factory=list)
     log: str = ""
+    #: /readyz while the server was down: status and body (None: not asked).
+    readiness: tuple[int, str] | None = None
 
     def failed(self) -> list[Outcome]:
         """The answers that were 5xx or no answer at all."""
@@ -148,7 +150,8 @@ async def _load(
                     response = await client.get(path)
                 status: int | str = response.status_code
                 retry_after = response.headers.get("retry-after")
-                body = response.text[:500] if status >= 500 and status != 503 else ""
+                code = response.status_code
+                body = response.text[:500] if code >= 500 and code != 503 else ""
                 if status == 201 and path == "/items":
                     written.append(int(response.json()["id"]))
             except httpx.HTTPError as exc:
@@ -168,6 +171,8 @@ async def _restart_under_load(
     stop_cmd: list[str],
     start_cmd: list[str],
     answers: Callable[[], Awaitable[bool]],
+    *,
+    ask_readiness: bool = True,
 ) -> RestartRun:
     outcomes: list[Outcome] = []
     written: list[int] = []
@@ -177,8 +182,13 @@ async def _restart_under_load(
         try:
             await anyio.sleep(BEFORE)
             stopped_at = time.monotonic()
+            readiness: tuple[int, str] | None = None
             async with server_stopped(stop_cmd, start_cmd, answers) as answering:
-                await anyio.sleep(DOWN)
+                await anyio.sleep(DOWN / 2)
+                if ask_readiness:
+                    ready = await client.get("/readyz")
+                    readiness = (ready.status_code, ready.text)
+                await anyio.sleep(DOWN / 2)
                 await anyio.run_process(start_cmd, check=False)
                 back = await wait_until(answers, START_WAIT, interval=0.01)
                 assert back is not None
@@ -195,7 +205,9 @@ async def _restart_under_load(
             await anyio.sleep(AFTER)
         finally:
             stop.set()
-    return RestartRun(outcomes, stopped_at, answering_at, first_ok, written)
+    run = RestartRun(outcomes, stopped_at, answering_at, first_ok, written)
+    run.readiness = readiness
+    return run
 
 
 def _figures(run: RestartRun, scenario: str) -> None:
@@ -268,6 +280,9 @@ class TestPostgresRestart:
         _figures(run, "postgres_restart")
         report("postgres_restart_writes", acknowledged=len(run.written), stored=stored)
         _judge(run)
+        assert run.readiness is not None
+        assert run.readiness[0] == 503
+        assert "not ready: db.engine" in run.readiness[1], run.readiness
         assert stored == len(run.written), "an acknowledged write is missing"
 
 
@@ -298,6 +313,9 @@ class TestRedisRestart:
             run.log = svc.log_text()
         _figures(run, "redis_restart")
         _judge(run)
+        assert run.readiness is not None
+        assert run.readiness[0] == 503
+        assert "not ready: redis" in run.readiness[1], run.readiness
 
 
 def _asyncpg_app(dsn: str) -> FastAPI:
@@ -347,6 +365,7 @@ class TestPostgresRestartOnAsyncpg:
                     [*PG_CTL, "stop", "-m", "fast"],
                     [*PG_CTL, "start"],
                     lambda: _pg_answers(dsn),
+                    ask_readiness=False,
                 )
         stored = await fetchval(
             dsn, "SELECT count(*) FROM t WHERE id = ANY($1::bigint[])", run.written
