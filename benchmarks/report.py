@@ -19,8 +19,9 @@ README = HERE / "README.md"
 RESULTS = HERE / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PACKAGES = ("fastapi", "starlette", "pydantic", "uvicorn", "uvloop", "httptools", "asyncpg",
-            "redis", "anyio", "scoped-resources")
-COLORS = {"scoped": "#2a7ab0", "plain": "#7f7f7f", "naive": "#d95f02"}
+            "redis", "anyio", "dishka", "scoped-resources")
+COLORS = {"scoped": "#2a7ab0", "plain": "#7f7f7f", "fastapi_fn": "#66a61e",
+          "dishka_di": "#e6ab02", "naive": "#d95f02"}
 
 
 def machine() -> dict[str, Any]:

@@ -27,7 +27,9 @@ def _import_app(name: str) -> Any:
     return module.app
 
 
-@pytest.mark.parametrize("name", ["scoped", "plain", "naive", "noio"])
+@pytest.mark.parametrize(
+    "name", ["scoped", "plain", "fastapi_fn", "dishka_di", "naive", "noio"]
+)
 async def test_app_answers_its_contract(
     name: str, pg_dsn: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
