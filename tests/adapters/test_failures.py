@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator
 
+import aiormq.exceptions
 import asyncpg
 import asyncpg.exceptions
 import pytest
@@ -21,6 +23,7 @@ from scoped_resources._failures import (
     cause_of,
     current_route,
     log_failure,
+    mark_outage,
     outage_of,
 )
 from scoped_resources.exceptions import ReleaseFailed, ReleaseTimeout
@@ -111,6 +114,22 @@ class TestOutages:
         timeout = ReleaseTimeout("tx", 1.0, terminated=True)
         assert outage_of(timeout) == "connection"
         assert outage_of(ReleaseFailed("request", [timeout])) == "connection"
+
+    def test_marked_errors_network_errnos_and_invalidated_connections_are_outages(self) -> None:
+        """An adapter's mark, an OSError with a network errno, connection_invalidated."""
+        marked = RuntimeError("another operation is in progress")
+        assert outage_of(marked) is None
+        mark_outage(marked, "database")
+        assert outage_of(marked) is not None
+        assert outage_of(OSError(errno.ENETUNREACH, "Network is unreachable")) == "connection"
+        invalidated = sqlalchemy.exc.DBAPIError("SELECT 1", None, RuntimeError("gone"))
+        invalidated.connection_invalidated = True
+        assert outage_of(invalidated) == "database"
+
+    def test_a_closed_broker_channel_is_a_broker_outage(self) -> None:
+        """aiormq's ChannelInvalidStateError (a RuntimeError) is a broker outage."""
+        err = aiormq.exceptions.ChannelInvalidStateError("writer is None")
+        assert outage_of(err) == "broker"
 
     def test_file_errors_are_not_outages(self) -> None:
         """A missing file or a full disk is not a server going away."""
@@ -209,6 +228,17 @@ class TestLogFailure:
         assert "'tx'" in first.getMessage()
         bug_tracebacks = [r.exc_info is not None for r in caplog.records[2:]]
         assert bug_tracebacks == [True, False, False]
+
+    def test_nothing_is_logged_below_the_loggers_level(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A logger set to CRITICAL gets no record (and the limiter is not consumed)."""
+        logger = logging.getLogger("test_failures_quiet")
+        limiter = TracebackLimiter(clock=lambda: 0.0)
+        with caplog.at_level(logging.CRITICAL, logger="test_failures_quiet"):
+            log_failure(logger, "releasing", "tx", ZeroDivisionError("boom"), limiter=limiter)
+        assert caplog.records == []
+        assert limiter.allow("tx", ZeroDivisionError("boom"))
 
     def test_every_traceback_at_debug(self, caplog: pytest.LogCaptureFixture) -> None:
         """With DEBUG enabled every record carries its traceback."""
