@@ -42,11 +42,8 @@ def registries_of(app: Any, module: object | None = None) -> list[Resources]:
         if isinstance(obj, Resources):
             found.setdefault(id(obj), obj)
 
-    router = getattr(app, "router", app)
-    lifespan = getattr(router, "lifespan_context", None)
-    add(getattr(lifespan, "__self__", None))
-    for cell in getattr(lifespan, "__closure__", None) or ():
-        add(cell.cell_contents)
+    for registry in _lifespan_registries(app):
+        add(registry)
     state = getattr(app, "state", None)
     add(getattr(state, "resources", None))
     for route in routes_of(app):
@@ -115,7 +112,23 @@ def check(app: Any, registries: Iterable[Resources]) -> list[Problem]:
             message = str(DependencyCycle([r.name for r in cycle]))
             problems.append(Problem("cycle", registry.name, cycle[0].name, cycle[-2].name, message))
         for route in routes_of(app):
-            problems.extend(_route_problems(app, route, registry))
+            problems.extend(_route_problems(route, registry))
+    for route in routes_of(app):
+        label = route_label(route)
+        for res in route_resources(route):
+            if not _lifespan_opens(app, res.registry):
+                owner = getattr(res.registry, "name", "?")
+                problems.append(
+                    Problem(
+                        "foreign",
+                        owner,
+                        res.name,
+                        label,
+                        f"route {label!r} asks for resource {res.name!r} of registry "
+                        f"{owner!r}, which this app's lifespan does not open; declare it in "
+                        "the app's registry, or open its registry in the lifespan",
+                    )
+                )
     return problems
 
 
@@ -125,32 +138,41 @@ def _startup_context() -> frozenset[type]:
     return frozenset({Request, AppScope})
 
 
-def _route_problems(app: Any, route: Any, registry: Resources) -> Iterator[Problem]:
+def _route_problems(route: Any, registry: Resources) -> Iterator[Problem]:
     from .fastapi import _check_dependant
 
-    label = route_label(route)
-    for res in route_resources(route):
-        if res.registry is not registry and not _lifespan_opens(app, res.registry):
-            yield Problem(
-                "foreign",
-                registry.name,
-                res.name,
-                label,
-                f"route {label!r} asks for resource {res.name!r} of registry "
-                f"{getattr(res.registry, 'name', '?')!r}, which this app's lifespan never "
-                "opens; declare it in the app's registry or open its registry in the lifespan",
-            )
     try:
         _check_dependant(route.dependant, route, registry)
     except PlanError as err:
-        yield _problem(registry, getattr(err, "resource", "?"), err, other=label)
+        yield _problem(registry, getattr(err, "resource", "?"), err, other=route_label(route))
 
 
 def _lifespan_opens(app: Any, registry: object) -> bool:
-    lifespan = getattr(getattr(app, "router", app), "lifespan_context", None)
-    if getattr(lifespan, "__self__", None) is registry:
-        return True
-    return any(c.cell_contents is registry for c in getattr(lifespan, "__closure__", None) or ())
+    return any(found is registry for found in _lifespan_registries(app))
+
+
+def _lifespan_registries(app: Any) -> list[Resources]:
+    """The registries *app*'s lifespan opens, through the wrappers frameworks add."""
+    found: list[Resources] = []
+    seen: set[int] = set()
+    todo: list[object] = [getattr(getattr(app, "router", app), "lifespan_context", None)]
+    while todo and len(seen) < 200:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Resources):
+            found.append(obj)
+            continue
+        todo.append(getattr(obj, "__self__", None))
+        todo.append(getattr(obj, "__wrapped__", None))
+        todo.append(getattr(obj, "func", None))  # functools.partial
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                todo.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+    return found
 
 
 def _problem(

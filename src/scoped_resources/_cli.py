@@ -37,6 +37,9 @@ def load(target: str) -> tuple[Any, Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise _UsageError(f"cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any error of the app's own import
+        # The app's own import failed: say so in one line, with the error's type.
+        raise _UsageError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
     obj: Any = module
     for part in (attr or "app").split("."):
         try:

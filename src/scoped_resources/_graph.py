@@ -79,6 +79,7 @@ def dot(app: Any, registries: Iterable[Resources]) -> str:
     lines = [
         "digraph resources {",
         "  rankdir=LR;",
+        '  graph [fontname="Helvetica"];',
         '  node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname="Helvetica"];',
     ]
     for r_index, registry in enumerate(g.registries):
