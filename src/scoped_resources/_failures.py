@@ -164,6 +164,8 @@ def outage_of(err: BaseException) -> str | None:
     (``"database"``, ``"cache"``, ``"broker"``), and is ``"connection"`` for a
     bare network error or a timeout. A constraint or data error is never an outage.
     """
+    if not isinstance(err, Exception):
+        return None  # a cancellation or an interrupt is never an outage, whatever its context
     drivers = _driver_outage_types()
     chain = list(_chain(err))
     for cur in chain:
