@@ -24,7 +24,8 @@ The model (cheap, and deliberately simple):
 
 Limits: the estimate knows nothing about *why* leases are slow; a burst of
 long leases after a quiet period is predicted from the quiet period until it
-ends or outlives the average. Refusing by prediction can refuse a waiter that
+ends or outlives the average, and a stall of the whole process ages every
+holder at once, which looks like stuck holders. Refusing by prediction can refuse a waiter that
 would, by luck, have been served in time; turn it off with ``shed=False`` where
 every request must wait its full deadline.
 """
