@@ -109,7 +109,6 @@ class Resources:
         self._open: list[AppScope] = []
         #: The key of the app scope in the lifespan state (``request.state``).
         self.state_key = f"scoped_resources:{name}:{id(self):x}"
-        self._request_dependency: Any = None
 
     def __repr__(self) -> str:
         return f"<Resources {self.name!r}: {len(self._resources)} resources>"

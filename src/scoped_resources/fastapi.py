@@ -108,13 +108,15 @@ def _make_getter(resource: Resource[Any]) -> Callable[..., Any]:
 
         getter: Callable[..., Any] = get_app_resource
     else:
-        scopes = _request_dependency(registry)
+        held_key = _held_key(registry)
 
-        # A default, not Annotated: FastAPI resolves string annotations from module
-        # globals, and `scopes` is local to this function.
-        async def get_request_resource(
-            scope: Scope = params.Depends(scopes),  # type: ignore[assignment]
-        ) -> Any:
+        # One FastAPI dependency per resource, as a hand-written ``yield`` dependency
+        # is: the first one a request solves opens its scope (FastAPI solves a
+        # route's dependencies one after another), the others find it.
+        async def get_request_resource(request: Request, background_tasks: BackgroundTasks) -> Any:
+            scope = request.scope.get(held_key)
+            if scope is None:
+                scope = _open_request_scope(request, background_tasks, registry)
             try:
                 return await scope.get(resource)
             except ResourceBusy as busy:
@@ -143,41 +145,39 @@ def _app_scope(request: Request, key: str, registry: Resources) -> AppScope:
     return app_scope  # type: ignore[no-any-return]
 
 
-def _request_dependency(registry: Resources) -> Callable[..., Any]:
-    """The one dependency per request that opens the request's two scopes."""
-    existing = registry._request_dependency
-    if existing is not None:
-        return existing  # type: ignore[no-any-return]
-    key = registry.state_key
+def _held_key(registry: Resources) -> str:
+    """Where a request's scope for *registry* is kept in the ASGI scope."""
+    return f"{registry.state_key}:request"
 
-    async def request_scope(request: Request, background_tasks: BackgroundTasks) -> Scope:
-        app_scope = _app_scope(request, key, registry)
-        route = request.scope.get("route")
-        current_route.set(f"{request.method} {getattr(route, 'path', request.url.path)}")
-        try:
-            function_stack: AsyncExitStack = request.scope[_FUNCTION_STACK]
-            request_stack: AsyncExitStack = request.scope[_REQUEST_STACK]
-        except KeyError:
-            raise RuntimeError(
-                "scoped_resources: this FastAPI version exposes no dependency exit "
-                "stacks in the request scope; FastAPI >= 0.121 is required"
-            ) from None
-        if app_scope._plan.has_response_level:
-            # Resources held until the response is sent live in an outer scope,
-            # closed by FastAPI's request stack after the body and background tasks.
-            outer = app_scope._child("request", Level.RESPONSE, app_scope, {Request: request})
-            request_stack.push_async_exit(outer.__aexit__)
-            inner = app_scope._child("request", Level.REQUEST, outer, None)
-        else:
-            inner = app_scope._child("request", Level.REQUEST, app_scope, {Request: request})
-        function_stack.push_async_exit(
-            _RequestExit(inner, background_tasks, _Watch.start(request, registry, app_scope))
-        )
-        return inner
 
-    request_scope.__qualname__ = request_scope.__name__ = f"{registry.name}_request_scope"
-    registry._request_dependency = request_scope
-    return request_scope
+def _open_request_scope(
+    request: Request, background_tasks: BackgroundTasks, registry: Resources
+) -> Scope:
+    """Open the request's scopes and push their closing onto FastAPI's exit stacks."""
+    app_scope = _app_scope(request, registry.state_key, registry)
+    route = request.scope.get("route")
+    current_route.set(f"{request.method} {getattr(route, 'path', request.url.path)}")
+    try:
+        function_stack: AsyncExitStack = request.scope[_FUNCTION_STACK]
+        request_stack: AsyncExitStack = request.scope[_REQUEST_STACK]
+    except KeyError:
+        raise RuntimeError(
+            "scoped_resources: this FastAPI version exposes no dependency exit "
+            "stacks in the request scope; FastAPI >= 0.121 is required"
+        ) from None
+    if app_scope._plan.has_response_level:
+        # Resources held until the response is sent live in an outer scope,
+        # closed by FastAPI's request stack after the body and background tasks.
+        outer = app_scope._child("request", Level.RESPONSE, app_scope, {Request: request})
+        request_stack.push_async_exit(outer.__aexit__)
+        inner = app_scope._child("request", Level.REQUEST, outer, None)
+    else:
+        inner = app_scope._child("request", Level.REQUEST, app_scope, {Request: request})
+    function_stack.push_async_exit(
+        _RequestExit(inner, background_tasks, _Watch.start(request, registry, app_scope))
+    )
+    request.scope[_held_key(registry)] = inner
+    return inner
 
 
 def run_to_completion(endpoint: _F) -> _F:
