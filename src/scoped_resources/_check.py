@@ -46,7 +46,7 @@ def registries_of(app: Any, module: object | None = None) -> list[Resources]:
         add(registry)
     state = getattr(app, "state", None)
     add(getattr(state, "resources", None))
-    for route in routes_of(app):
+    for _, route in routes_of(app):
         for resource in route_resources(route):
             add(resource.registry)
     if module is not None:
@@ -55,17 +55,35 @@ def registries_of(app: Any, module: object | None = None) -> list[Resources]:
     return list(found.values())
 
 
-def routes_of(app: Any) -> list[Any]:
-    """The API and websocket routes of *app*, mounted sub-apps included."""
-    from .fastapi import _routes
+def routes_of(app: Any) -> list[tuple[str, Any]]:
+    """``(prefix, route)`` for each API and websocket route of *app*.
 
-    return _routes(getattr(app, "router", app))
+    Mounted sub-apps and included routers are walked too (FastAPI may keep an
+    included router as a wrapper around the original, with its prefix).
+    """
+    from fastapi.routing import APIRoute, APIWebSocketRoute
+    from starlette.routing import Mount
+
+    found: list[tuple[str, Any]] = []
+
+    def walk(router: Any, prefix: str, depth: int) -> None:
+        for route in getattr(router, "routes", ()):
+            if isinstance(route, APIRoute | APIWebSocketRoute):
+                found.append((prefix, route))
+            elif isinstance(route, Mount) and depth < 20:
+                walk(route.app, prefix + route.path, depth + 1)
+            elif hasattr(route, "original_router") and depth < 20:
+                context = getattr(route, "include_context", None)
+                walk(route.original_router, prefix + getattr(context, "prefix", ""), depth + 1)
+
+    walk(getattr(app, "router", app), "", 0)
+    return found
 
 
-def route_label(route: Any) -> str:
-    """``GET /users/{uid}``, or the path alone for a websocket."""
+def route_label(route: Any, prefix: str = "") -> str:
+    """``GET /users/{uid}``, or ``WS /path`` for a websocket."""
     methods = sorted(getattr(route, "methods", None) or ())
-    path = getattr(route, "path", "?")
+    path = prefix + getattr(route, "path", "?")
     return f"{','.join(methods)} {path}" if methods else f"WS {path}"
 
 
@@ -111,10 +129,10 @@ def check(app: Any, registries: Iterable[Resources]) -> list[Problem]:
         for cycle in _cycles(compiled):
             message = str(DependencyCycle([r.name for r in cycle]))
             problems.append(Problem("cycle", registry.name, cycle[0].name, cycle[-2].name, message))
-        for route in routes_of(app):
-            problems.extend(_route_problems(route, registry))
-    for route in routes_of(app):
-        label = route_label(route)
+        for prefix, route in routes_of(app):
+            problems.extend(_route_problems(route, prefix, registry))
+    for prefix, route in routes_of(app):
+        label = route_label(route, prefix)
         for res in route_resources(route):
             if not _lifespan_opens(app, res.registry):
                 owner = getattr(res.registry, "name", "?")
@@ -138,13 +156,16 @@ def _startup_context() -> frozenset[type]:
     return frozenset({Request, AppScope})
 
 
-def _route_problems(route: Any, registry: Resources) -> Iterator[Problem]:
+def _route_problems(route: Any, prefix: str, registry: Resources) -> Iterator[Problem]:
     from .fastapi import _check_dependant
 
     try:
         _check_dependant(route.dependant, route, registry)
     except PlanError as err:
-        yield _problem(registry, getattr(err, "resource", "?"), err, other=route_label(route))
+        label = route_label(route, prefix)
+        found = _problem(registry, getattr(err, "resource", "?"), err, other=label)
+        # The core names the route by its own path; add the full one (method, prefix).
+        yield Problem(found.kind, found.registry, found.resource, label, f"{err} [{label}]")
 
 
 def _lifespan_opens(app: Any, registry: object) -> bool:

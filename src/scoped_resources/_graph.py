@@ -38,12 +38,12 @@ class _Graph:
                     for _, dep in recipe.deps:
                         if dep in self.ids:
                             self.edges.append((self.ids[res], self.ids[dep]))
-        for index, route in enumerate(routes_of(app)):
+        for index, (prefix, route) in enumerate(routes_of(app)):
             used = [r for r in route_resources(route) if r in self.ids]
             if not used:
                 continue
             rid = f"route{index}"
-            self.routes.append((rid, route_label(route)))
+            self.routes.append((rid, route_label(route, prefix)))
             self.edges.extend((rid, self.ids[r]) for r in used)
 
     def scoped(self, registry: Resources) -> list[tuple[str, str, list[Resource[Any]]]]:

@@ -170,3 +170,26 @@ scope = _scope()
 unshareable = _unshareable()
 sync_route = _sync_route()
 many = _many()
+
+
+def _included() -> FastAPI:
+    from fastapi import APIRouter
+
+    resources = Resources("included")
+
+    @resources.request(async_only=True)
+    async def conn() -> AsyncIterator[int]:
+        yield 1
+
+    router = APIRouter()
+
+    @router.get("/sync")
+    def handler(c: Annotated[int, Use(conn)]) -> int:
+        return c
+
+    app = FastAPI(lifespan=resources.lifespan)
+    app.include_router(router, prefix="/v1")
+    return app
+
+
+included = _included()
