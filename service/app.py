@@ -46,6 +46,7 @@ from scoped_resources.adapters.rabbitmq import ChannelPool, RabbitMQ
 from scoped_resources.adapters.redis import Redis
 from scoped_resources.adapters.sqlalchemy import SQLAlchemy
 from scoped_resources.fastapi import health_routes, outage_of
+from scoped_resources.page import resource_page
 
 from . import errors
 from .cache import Cache, MemoryCache, RedisCache
@@ -201,6 +202,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(
         health_routes(resources, ping_timeout=settings.ready_timeout), tags=["probes"]
     )
+    if settings.resource_page_token is not None:
+        app.include_router(
+            resource_page(
+                resources,
+                token=settings.resource_page_token.get_secret_value(),
+                loopback_only=settings.resource_page_loopback_only,
+                ping_timeout=settings.ready_timeout,
+            )
+        )
 
     # -- users ------------------------------------------------------------------
 

@@ -80,10 +80,18 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="text, or json: one JSON object per log line on stderr."
     )
+    resource_page_token: SecretStr | None = Field(
+        default=None,
+        description="When set, GET /resources shows the live resource page to callers with "
+        "this token ('Authorization: Bearer ...' or '?token=...').",
+    )
+    resource_page_loopback_only: bool = Field(
+        default=True, description="The resource page answers loopback clients only."
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
-    @field_validator("api_token", mode="before")
+    @field_validator("api_token", "resource_page_token", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:
         return None if value == "" else value
