@@ -68,6 +68,7 @@
       data.release_failures.map((f) => row([f.at, f.resource, f.outcome, f.route, f.seconds])),
       5
     );
+    body.dataset.refreshed = String(parseInt(body.dataset.refreshed || "0", 10) + 1);
     body.classList.remove("stale");
   }
 
