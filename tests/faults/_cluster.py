@@ -263,7 +263,9 @@ auth_file = {auth_file}
 pool_mode = transaction
 default_pool_size = {pool_size}
 max_client_conn = 500
-ignore_startup_parameters = extra_float_digits
+# PgBouncer refuses startup parameters it does not know; the SQLAlchemy adapter's
+# client_connection_check_interval belongs on the server (ALTER DATABASE ... SET).
+ignore_startup_parameters = extra_float_digits,client_connection_check_interval
 admin_users = postgres
 """
 

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from scoped_resources.testing import AppLifespan
 from service import Settings, create_app
+from service.database import engine_options
 
 BACKENDS = ["embedded", "real"]
 PROBLEM = "application/problem+json"
@@ -168,7 +169,9 @@ class Running:
 
 
 def _engine_for(settings: Settings) -> AsyncEngine:
-    return create_async_engine(settings.database_url)
+    # The service's driver options (those for PgBouncer among them), not its pool size.
+    connect_args = engine_options(settings).get("connect_args", {})
+    return create_async_engine(settings.database_url, connect_args=connect_args)
 
 
 @asynccontextmanager
