@@ -65,6 +65,13 @@ def test_metrics_module_names_are_pinned() -> None:
     ]
 
 
+def test_page_module_names_are_pinned() -> None:
+    """The resource page module exports exactly these names."""
+    import scoped_resources.page
+
+    assert sorted(scoped_resources.page.__all__) == ["resource_page"]
+
+
 def test_every_exported_name_exists() -> None:
     """Every name in __all__ can be imported."""
     for module in (scoped_resources, scoped_resources.exceptions, scoped_resources.fastapi):
