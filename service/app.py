@@ -209,6 +209,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 token=settings.resource_page_token.get_secret_value(),
                 loopback_only=settings.resource_page_loopback_only,
                 ping_timeout=settings.ready_timeout,
+                gates=[sql.gate],
             )
         )
 

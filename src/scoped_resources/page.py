@@ -28,7 +28,7 @@ import ipaddress
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from importlib import resources as package_files
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,7 @@ _SCOPE_LABEL = {
     Level.RESPONSE: "request (after response)",
     Level.REQUEST: "request",
 }
+_GATE_KEYS = ("name", "capacity", "in_use", "waiting", "hold_estimate_ms", "shed", "timed_out")
 _ROUTE_IN = re.compile(r"\((?P<route>[^()]*)\)$")
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -158,6 +159,8 @@ def snapshot(
     app_scope: AppScope | None,
     readiness: dict[str, str],
     slow_after: float,
+    *,
+    gates: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data."""
     now = time.monotonic()
@@ -227,6 +230,20 @@ def snapshot(
         "leases": leases[:LISTED_LEASES],
         "leases_total": len(leases),
         "release_failures": list(observer.failures),
+        "gates": [_gate_row(gate.stats()) for gate in gates],
+    }
+
+
+def _gate_row(stats: Any) -> dict[str, Any]:
+    estimate = getattr(stats, "hold_estimate", None)
+    return {
+        "name": str(getattr(stats, "name", "?")),
+        "capacity": getattr(stats, "capacity", None),
+        "in_use": getattr(stats, "in_use", None),
+        "waiting": getattr(stats, "waiting", None),
+        "hold_estimate_ms": _ms(estimate) if isinstance(estimate, float | int) else None,
+        "shed": getattr(stats, "shed", None),
+        "timed_out": getattr(stats, "timed_out", None),
     }
 
 
@@ -240,13 +257,16 @@ def resource_page(
     ping_timeout: float = 2.0,
     cache_ttl: float = 1.0,
     refresh_seconds: float = 2.0,
+    gates: Sequence[Any] = (),
 ) -> APIRouter:
     """The live resource page for *resources*, as a router to include in the app.
 
     *token* (when given) must come with every request; *loopback_only* refuses
     clients outside 127.0.0.0/8 and ::1. *slow_after* (default: the registry's
     ``leak_after``, else 10 s) is the age from which a held lease is flagged slow.
-    Readiness pings are cached for *cache_ttl* seconds.
+    Readiness pings are cached for *cache_ttl* seconds. *gates* are admission
+    gates of pooled adapters (``pg.gate``, anything with a ``stats()``): each is
+    shown with its capacity, slots in use, queue, hold estimate and refusals.
     """
     if token is None and not loopback_only:
         raise ValueError(
@@ -282,7 +302,7 @@ def resource_page(
         if app_scope is not None and not app_scope.draining:
             pinged = await readiness.check(app_scope)
             checks = {name: redact(text) for name, text in pinged.items()}
-        return snapshot(resources, observer, app_scope, checks, slow)
+        return snapshot(resources, observer, app_scope, checks, slow, gates=gates)
 
     @router.get(base or "/")
     async def page(request: Request) -> Response:
@@ -374,6 +394,13 @@ def _render(data: dict[str, Any], base: str, refresh: float) -> str:
         )
         or '<tr><td colspan="5">none</td></tr>'
     )
+    gates = (
+        "".join(
+            "<tr>" + "".join(f"<td>{e(_fmt(g[k]))}</td>" for k in _GATE_KEYS) + "</tr>"
+            for g in data["gates"]
+        )
+        or '<tr><td colspan="7">none</td></tr>'
+    )
     ready = "ready" if data["ready"] else "not ready"
     return f"""<!doctype html>
 <html lang="en">
@@ -398,6 +425,10 @@ at <span id="generated-at">{e(data["generated_at"])}</span></p>
 <h2>Leases held now (slow after {data["slow_after_s"]:g} s)</h2>
 <table id="leases"><thead><tr><th>resource</th><th>route</th><th>age s</th><th></th></tr></thead>
 <tbody>{leases}</tbody></table>
+<h2>Pool admission gates</h2>
+<table id="gates"><thead><tr><th>gate</th><th>capacity</th><th>in use</th><th>waiting</th>
+<th>hold estimate ms</th><th>refused at once</th><th>timed out</th></tr></thead>
+<tbody>{gates}</tbody></table>
 <h2>Recent release failures</h2>
 <table id="failures"><thead><tr><th>at</th><th>resource</th><th>outcome</th><th>route</th>
 <th>seconds</th></tr></thead><tbody>{failures}</tbody></table>

@@ -57,7 +57,7 @@ def page_app(dsn: str, held: Held, **page: Any) -> tuple[FastAPI, Resources]:
         raise RuntimeError(f"audit could not be written to {dsn}")
 
     app = FastAPI(lifespan=resources.lifespan)
-    app.include_router(resource_page(resources, **page))
+    app.include_router(resource_page(resources, gates=[pg.gate], **page))
 
     @app.get("/hold")
     async def hold(conn: Annotated[asyncpg.Connection, Use(pg.connection)]) -> int:
@@ -119,6 +119,13 @@ class TestUnderLoad:
                     await anyio.lowlevel.checkpoint()
             conn_row = row(data, "pg.connection")
             assert conn_row["leases_in_use"] == 2
+            gate = data["gates"][0]
+            assert (gate["name"], gate["capacity"], gate["in_use"], gate["waiting"]) == (
+                "pg.connection",
+                2,
+                2,
+                2,
+            )
             assert conn_row["scope"] == "request"
             assert row(data, "pg.pool")["owners_open"] == 1
             # The pool's ping needs a connection too: an exhausted pool is not ready.

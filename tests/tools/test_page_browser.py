@@ -47,7 +47,7 @@ def chromium(binary: str, profile: Path, url: str, *extra: str) -> str:
             "--disable-component-update",
             "--disable-sync",
             f"--user-data-dir={profile}",
-            "--window-size=1360,760",
+            "--window-size=1360,1040",
             *extra,
             url,
         ],
@@ -145,6 +145,11 @@ async def test_page_renders_the_held_leases_in_chromium(pg_dsn: str, tmp_path: P
     assert cell(dom, "db.connection", "acquires") != "0"
     assert cell(dom, "db.connection", "wait_p50_ms") != "-"
     assert dom.count("<td>POST /items</td>") >= 2 * HOLDERS  # tx and its connection
+    gate_row = re.search(
+        r"<tbody><tr><td>db\.connection</td>(.*?)</tr>", dom.split('id="gates"')[1]
+    )
+    assert gate_row is not None
+    assert re.findall(r"<td>([^<]*)</td>", gate_row.group(1))[1] == str(HOLDERS)  # in use
     assert re.search(r'data-refreshed="[1-9]', dom), "the script never refreshed the page"
     assert TOKEN not in dom.split("<body", 1)[1].split("<script", 1)[0]
     assert SCREENSHOT.stat().st_size > 10_000

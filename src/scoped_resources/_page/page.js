@@ -64,6 +64,13 @@
       4
     );
     fill(
+      document.querySelector("#gates tbody"),
+      data.gates.map((g) =>
+        row([g.name, g.capacity, g.in_use, g.waiting, g.hold_estimate_ms, g.shed, g.timed_out])
+      ),
+      7
+    );
+    fill(
       document.querySelector("#failures tbody"),
       data.release_failures.map((f) => row([f.at, f.resource, f.outcome, f.route, f.seconds])),
       5
