@@ -156,10 +156,13 @@ defaults
     timeout connect 1s
     timeout client 30s
     timeout server 30s
-    timeout check 1s
+    timeout check 2s
     # One server connection per request: a replica that stops listening refuses
     # the next connection, and a refused connection is retried on another replica.
     option http-server-close
+    # The whole request is read before a server is picked, so that a request with a
+    # body can be sent again (an L7 retry needs all of it in HAProxy's buffer).
+    option http-buffer-request
     retries 3
     option redispatch 1
     # A connection the kernel accepted for a replica that then closed its listener
@@ -175,7 +178,9 @@ backend replicas
     http-response set-header X-Replica %s
     option httpchk GET /readyz
     http-check expect status 200
-    default-server inter {inter}ms fastinter {inter}ms downinter {inter}ms fall 1 rise 2
+    # fall 3: one slow check (a loaded machine) must not take the last replica out;
+    # a stopped replica is left by the retries meanwhile (it refuses connections).
+    default-server inter {inter}ms fastinter {inter}ms downinter {inter}ms fall 3 rise 2
 {servers}
 
 listen stats

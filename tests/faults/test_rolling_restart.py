@@ -1,10 +1,11 @@
-"""Rolling restart: replicas behind HAProxy restarted one at a time with SIGTERM, under load.
+"""Rolling restart: two replicas behind HAProxy restarted one at a time with SIGTERM, under load.
 
 The shape: HAProxy checks each replica's readiness endpoint; a replica that gets
 SIGTERM stops listening at once and finishes the requests it holds (uvicorn's
 graceful shutdown, then the app scope closes); a connection refused by it, or
 reset before its request was read, is sent again to another replica
-(``retry-on conn-failure empty-response``, ``option redispatch``). No client
+(``retry-on conn-failure empty-response``, ``option redispatch``, the request
+buffered whole so that a POST can be re-sent). No client
 request may fail while each replica in turn stops and comes back on its port.
 """
 
@@ -26,7 +27,7 @@ from ._harness import dirty_lines, latency_ms, probe, report
 
 pytestmark = [pytest.mark.anyio, pytest.mark.faults, pytest.mark.timeout(150)]
 
-REPLICAS = 3
+REPLICAS = 2
 WORKERS = 8
 
 
