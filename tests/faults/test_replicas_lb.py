@@ -23,7 +23,9 @@ import anyio
 import httpx
 import pytest
 
-from scoped_resources.testing import TempPostgres
+from scoped_resources.exceptions import StartupFailed
+from scoped_resources.testing import AppLifespan, TempPostgres
+from service import Settings, create_app
 from tests.service.upstream import FakeUpstream
 
 from ._cluster import haproxy, replicas
@@ -241,3 +243,22 @@ class TestPoolBudget:
         assert "DATABASE_PGBOUNCER=1" in message
         assert "Traceback" not in result.stderr
         assert applied == 0  # refused before migrating
+
+    async def test_an_app_made_in_process_fails_its_start_over_budget(
+        self, fault_db: TempPostgres, tmp_path: Path
+    ) -> None:
+        """The same check runs in the app's start-up: it fails naming the schema resource."""
+        settings = Settings(
+            database_url=fault_db.dsn,
+            db_pool_size=1000,
+            db_replicas=2,
+            files_dir=tmp_path / "files",
+            _env_file=None,  # type: ignore[call-arg]
+        )
+        with pytest.raises(StartupFailed) as failed:
+            async with AppLifespan(create_app(settings)):
+                pytest.fail("the app started with pools beyond the budget")
+        message = str(failed.value)
+        assert "'schema'" in message
+        assert "PoolBudgetExceeded" in message
+        assert "DB_POOL_SIZE=1000 x DB_REPLICAS=2 = 2000 connections" in message
