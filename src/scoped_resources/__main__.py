@@ -1,5 +1,5 @@
 """``python -m scoped_resources check|graph MODULE:APP``."""
 
-from ._cli import main
+from scoped_resources._cli import main
 
 raise SystemExit(main())

@@ -193,3 +193,4 @@ def _included() -> FastAPI:
 
 
 included = _included()
+bare = FastAPI()
