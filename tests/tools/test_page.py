@@ -100,7 +100,12 @@ class TestUnderLoad:
         """Two requests hold the pool's two connections, two more wait: the page shows both."""
         held = Held(2)
         app, _ = page_app(
-            with_password(pg_dsn, SECRET), held, token=TOKEN, ping_timeout=0.5, cache_ttl=0
+            with_password(pg_dsn, SECRET),
+            held,
+            token=TOKEN,
+            ping_timeout=0.5,
+            cache_ttl=0,
+            slow_after=0.0,
         )
         async with client_for(app) as (client, _), anyio.create_task_group() as tg:
             answers: list[int] = []
@@ -136,6 +141,7 @@ class TestUnderLoad:
                 ("pg.connection", "GET /hold"),
             ]
             assert all(lease["age_s"] >= 0 for lease in data["leases"])
+            assert all(lease["slow"] for lease in data["leases"])  # slow_after=0
             page = await client.get("/resources", headers=AUTH)
             assert page.status_code == 200
             assert '<td data-key="leases_in_use">2</td>' in page.text
