@@ -531,6 +531,8 @@ def _routes(router: Any) -> list[Any]:
             found.append(route)
         elif isinstance(route, Mount):
             found.extend(_routes(route.app))
+        elif hasattr(route, "original_router"):  # FastAPI >= 0.165 keeps included routers whole
+            found.extend(_routes(route.original_router))
     return found
 
 

@@ -12,7 +12,7 @@ import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 
 from scoped_resources import Resources, Use
@@ -341,6 +341,27 @@ class TestStartupChecks:
             return c
 
         with pytest.raises(ResourceMisuse, match="'conn'.*'endpoint'.*async def"):
+            async with LifespanManager(app):
+                pass
+
+    async def test_a_route_of_an_included_router_is_checked_too(self) -> None:
+        """A sync route that comes from include_router (with a prefix) fails startup as well."""
+        resources = Resources()
+
+        @resources.request
+        async def conn() -> AsyncIterator[str]:
+            yield "conn"
+
+        router = APIRouter()
+
+        @router.get("/")
+        def nested(c: Annotated[str, Use(conn)]) -> str:
+            return c
+
+        app = FastAPI(lifespan=resources.lifespan)
+        app.include_router(router, prefix="/v1")
+
+        with pytest.raises(ResourceMisuse, match="'conn'.*'nested'.*async def"):
             async with LifespanManager(app):
                 pass
 
