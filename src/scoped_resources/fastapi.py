@@ -155,8 +155,12 @@ def _open_request_scope(
 ) -> Scope:
     """Open the request's scopes and push their closing onto FastAPI's exit stacks."""
     app_scope = _app_scope(request, registry.state_key, registry)
-    route = request.scope.get("route")
-    current_route.set(f"{request.method} {getattr(route, 'path', request.url.path)}")
+    scope = request.scope
+    route = scope.get("route")
+    # The route template when routing found one (the raw path otherwise); never
+    # ``request.url``, which would build a URL object per request.
+    path = getattr(route, "path", None) or scope["path"]
+    current_route.set(f"{scope['method']} {path}")
     try:
         function_stack: AsyncExitStack = request.scope[_FUNCTION_STACK]
         request_stack: AsyncExitStack = request.scope[_REQUEST_STACK]
