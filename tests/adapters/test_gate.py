@@ -481,3 +481,74 @@ async def running_http_server() -> AsyncIterator[str]:
             yield f"http://127.0.0.1:{port}"
         finally:
             tg.cancel_scope.cancel()
+
+
+class TestOnTrio:
+    """Off asyncio (trio) the gate waits under cancel scopes, with the same behaviour."""
+
+    @pytest.fixture
+    def anyio_backend(self) -> str:
+        return "trio"
+
+    async def test_waiters_are_served_in_arrival_order(self) -> None:
+        """Three waiters queued behind one holder get the slot in the order they arrived."""
+        gate = Gate("db.connection", 1, timeout=5.0)
+        holder = await gate.acquire()
+        served: list[int] = []
+
+        async def wait(i: int) -> None:
+            ticket = await gate.acquire()
+            served.append(i)
+            gate.release(ticket)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(wait, i)
+                await anyio.wait_all_tasks_blocked()
+            gate.release(holder)
+        assert served == [0, 1, 2]
+
+    async def test_a_waiter_is_refused_at_its_deadline(self) -> None:
+        """With no estimate yet, a waiter behind a stuck holder is refused when its time is up."""
+        gate = Gate("db.connection", 1, timeout=0.05)
+        holder = await gate.acquire()
+        with anyio.fail_after(5), pytest.raises(ResourceBusy):
+            await gate.acquire()
+        assert gate.stats().timed_out == 1
+        assert gate.stats().waiting == 0
+        gate.release(holder)
+
+    async def test_a_queued_waiter_is_refused_once_the_holder_outlives_the_estimate(
+        self,
+    ) -> None:
+        """The periodic re-check refuses a queued waiter whose wait became hopeless."""
+        clock = Clock()
+        gate = warmed(clock, 1, 0.1, timeout=100.0, recheck=0.001)
+        holder = await gate.acquire()
+        refused: list[ResourceBusy] = []
+
+        async def wait() -> None:
+            try:
+                gate.release(await gate.acquire())
+            except ResourceBusy as busy:
+                refused.append(busy)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await anyio.wait_all_tasks_blocked()
+                clock.now += 3.0  # held 3 s: the wait expects 3 s more; fail_after leaves 2 s
+        assert len(refused) == 1
+        assert gate.stats().shed == 1
+        gate.release(holder)
+
+    async def test_a_cancelled_waiter_leaves_the_queue(self) -> None:
+        """Cancelling a queued waiter removes it; the slot still goes to the next one."""
+        gate = Gate("db.connection", 1, timeout=5.0)
+        holder = await gate.acquire()
+        with anyio.move_on_after(0.01):
+            await gate.acquire()
+        assert gate.stats().waiting == 0
+        gate.release(holder)
+        gate.release(await gate.acquire())
+        assert gate.stats().in_use == 0

@@ -32,6 +32,7 @@ every request must wait its full deadline.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +44,9 @@ from ..exceptions import ResourceBusy
 
 __all__ = ["Gate", "GateStats"]
 
+#: How long past an enclosing cancel scope's deadline a waiter still waits for
+#: that scope to cancel it, before the gate refuses it itself (seconds).
+_SCOPE_GRACE = 0.05
 #: Bounds of a ``Retry-After`` computed from the estimate (seconds).
 MIN_RETRY_AFTER = 1.0
 MAX_RETRY_AFTER = 60.0
@@ -66,15 +70,32 @@ class GateStats:
 
 
 class _Waiter:
-    __slots__ = ("budget", "deadline", "event", "granted", "refused")
+    __slots__ = ("budget", "deadline", "event", "expires", "future", "granted", "refused", "timer")
 
-    def __init__(self, now: float, budget: float) -> None:
+    def __init__(self, now: float, budget: float, grace: float) -> None:
         self.budget = budget
+        #: When the wait must end: what predictions are measured against.
         self.deadline = now + budget
-        self.event = anyio.Event()
+        #: When the gate itself gives up. Later than the deadline by *grace* when an
+        #: enclosing cancel scope set it: that scope's cancellation, not a
+        #: ResourceBusy, is what its owner asked for; the gate only backs it up.
+        self.expires = self.deadline + grace
         self.granted = False
         #: The expected wait, set when the gate refused this waiter while it waited.
         self.refused: float | None = None
+        # What the waiting task sleeps on: an asyncio future woken by loop timers
+        # (on asyncio), or an anyio event under a cancel scope (on other loops).
+        self.future: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.event: anyio.Event | None = None
+
+    def wake(self) -> None:
+        """End the wait: the gate granted, refused or expired this waiter."""
+        if self.future is not None:
+            if not self.future.done():
+                self.future.set_result(None)
+        elif self.event is not None:
+            self.event.set()
 
 
 class Gate:
@@ -180,7 +201,7 @@ class Gate:
             waiter = next(iter(self._waiters))
             del self._waiters[waiter]
             waiter.granted = True
-            waiter.event.set()
+            waiter.wake()
             return
         self._in_use -= 1
 
@@ -211,13 +232,15 @@ class Gate:
         if budget is None:
             budget = math.inf
         scope_left = anyio.current_effective_deadline() - anyio.current_time()
-        budget = min(budget, scope_left)
+        grace = 0.0
+        if scope_left < budget:
+            budget, grace = scope_left, _SCOPE_GRACE
         if self.shed:
             expected = self.expected_wait(len(self._waiters), now)
             if expected is not None and expected > budget:
                 self._shed_count += 1
                 raise self._busy(expected, 0.0, len(self._waiters))
-        waiter = _Waiter(now, budget)
+        waiter = _Waiter(now, budget, grace)
         self._waiters[waiter] = None
         try:
             await self._wait(waiter)
@@ -230,26 +253,68 @@ class Gate:
         return self._take(self._clock())
 
     async def _wait(self, waiter: _Waiter) -> None:
-        while True:
-            left = waiter.deadline - self._clock()
-            if left <= 0:
-                break
-            step = min(left, self._recheck) if self.shed else left
-            with anyio.move_on_after(step):
-                await waiter.event.wait()
-            if waiter.granted:
-                return
-            if waiter.refused is not None:
-                self._shed_count += 1
-                waited = self._clock() - (waiter.deadline - waiter.budget)
-                raise self._busy(waiter.refused, waited, None)
-            if self.shed:
-                self._recheck_queue()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio)
+            await self._wait_in_cancel_scopes(waiter)
+        else:
+            await self._wait_on_loop_timers(waiter, loop)
+        if waiter.granted:
+            return
+        if waiter.refused is not None:
+            self._shed_count += 1
+            waited = self._clock() - (waiter.deadline - waiter.budget)
+            raise self._busy(waiter.refused, waited, None)
         self._waiters.pop(waiter, None)
         self._timed_out += 1
         raise ResourceBusy(
             self.name, waiter.budget, retry_after=self._retry_after(len(self._waiters))
         )
+
+    def _step(self, left: float) -> float:
+        """How long a waiter with *left* seconds sleeps before the gate looks again."""
+        return min(left, self._recheck) if self.shed else left
+
+    async def _wait_on_loop_timers(self, waiter: _Waiter, loop: asyncio.AbstractEventLoop) -> None:
+        # One future and one loop timer per wait: the re-checks and the deadline run
+        # as timer callbacks, so a waiter served quickly pays no cancel scope.
+        waiter.future = loop.create_future()
+        left = waiter.expires - self._clock()
+        if left <= 0:
+            return
+        waiter.timer = loop.call_later(self._step(left), self._tick, waiter, loop)
+        try:
+            await waiter.future
+        finally:
+            waiter.timer.cancel()
+
+    def _tick(self, waiter: _Waiter, loop: asyncio.AbstractEventLoop) -> None:
+        """A waiter's timer: end its wait at its deadline, else re-check the queue."""
+        assert waiter.future is not None
+        if waiter.future.done():
+            return
+        left = waiter.expires - self._clock()
+        if left <= 0:
+            waiter.wake()
+            return
+        if self.shed:
+            self._recheck_queue()
+            if waiter.future.done():
+                return
+        waiter.timer = loop.call_later(self._step(left), self._tick, waiter, loop)
+
+    async def _wait_in_cancel_scopes(self, waiter: _Waiter) -> None:
+        waiter.event = anyio.Event()
+        while True:
+            left = waiter.expires - self._clock()
+            if left <= 0:
+                return
+            with anyio.move_on_after(self._step(left)):
+                await waiter.event.wait()
+            if waiter.granted or waiter.refused is not None:
+                return
+            if self.shed:
+                self._recheck_queue()
 
     def _recheck_queue(self) -> None:
         """Refuse queued waiters whose expected wait now exceeds what they have left."""
@@ -268,7 +333,7 @@ class Gate:
                 refused.append(waiter)
         for waiter in refused:
             del self._waiters[waiter]
-            waiter.event.set()
+            waiter.wake()
 
     def _retry_after(self, ahead: int) -> float:
         expected = self.expected_wait(ahead)
