@@ -116,7 +116,7 @@ def _make_getter(resource: Resource[Any]) -> Callable[..., Any]:
         async def get_request_resource(request: Request, background_tasks: BackgroundTasks) -> Any:
             scope = request.scope.get(held_key)
             if scope is None:
-                scope = _open_request_scope(request, background_tasks, registry)
+                scope = _open_request_scope(request, background_tasks, registry, held_key)
             try:
                 return await scope.get(resource)
             except ResourceBusy as busy:
@@ -151,7 +151,7 @@ def _held_key(registry: Resources) -> str:
 
 
 def _open_request_scope(
-    request: Request, background_tasks: BackgroundTasks, registry: Resources
+    request: Request, background_tasks: BackgroundTasks, registry: Resources, held_key: str
 ) -> Scope:
     """Open the request's scopes and push their closing onto FastAPI's exit stacks."""
     app_scope = _app_scope(request, registry.state_key, registry)
@@ -180,7 +180,7 @@ def _open_request_scope(
     function_stack.push_async_exit(
         _RequestExit(inner, background_tasks, _Watch.start(request, registry, app_scope))
     )
-    request.scope[_held_key(registry)] = inner
+    request.scope[held_key] = inner
     return inner
 
 
