@@ -58,14 +58,15 @@ async def _enter(lease: Lease, kwargs: dict[str, Any]) -> None:
 
 async def _enter_bounded(lease: Lease, kwargs: dict[str, Any]) -> None:
     """Enter *lease* within its resource's acquire deadline, else ResourceBusy."""
-    timeout = lease.resource.acquire_timeout
-    if timeout is None:
+    res = lease.resource
+    timeout = res.acquire_timeout
+    if timeout is None or res._own_deadline:
         await _enter(lease, kwargs)
         return
     try:
         await bounded(_enter(lease, kwargs), timeout)
     except DeadlineExpired:
-        raise ResourceBusy(lease.resource.name, timeout) from None
+        raise ResourceBusy(res.name, timeout) from None
 
 
 async def _enter_observed(

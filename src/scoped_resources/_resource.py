@@ -72,6 +72,7 @@ class Resource(Generic[T_co]):
         "_compiled",
         "_getter",
         "_override",
+        "_own_deadline",
         "acquire_timeout",
         "async_only",
         "call",
@@ -105,6 +106,7 @@ class Resource(Generic[T_co]):
     _compiled: Any
     _getter: Any
     _override: Resource[T_co] | None
+    _own_deadline: bool
 
     def __init__(
         self,
@@ -138,6 +140,9 @@ class Resource(Generic[T_co]):
         self._compiled = None
         self._getter = None
         self._override = None
+        #: The factory enforces *acquire_timeout* itself (a pooled adapter's gate
+        #: does, with one deadline for its wait and the pool's): the core arms none.
+        self._own_deadline = False
         #: Names local to where it was declared, to resolve string annotations.
         self.localns = None
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from ._acquire import _enter_bounded, _enter_observed
+from ._acquire import _enter, _enter_bounded, _enter_observed
 from ._lease import ACQUIRING, FAILED, HELD, Lease
 from ._plan import Recipe
 from ._release import _note, _release_all, _report
@@ -117,8 +117,12 @@ class Scope:
         if resource._override is not None:
             resource = resource._override
         lease = self._cache.get(resource)
-        if lease is not None and lease.state == HELD:
-            return lease.value  # type: ignore[no-any-return]
+        if lease is not None:
+            if lease.state == HELD:
+                return lease.value  # type: ignore[no-any-return]
+        elif resource.level is self.level and self._state == OPEN:
+            # This scope's own kind of resource, not held yet: acquire it here.
+            return await self._acquire(resource)  # type: ignore[no-any-return]
         return await self._get_slow(resource, lease)
 
     def child(self, name: str = "scope", context: dict[type, Any] | None = None) -> Scope:
@@ -178,10 +182,12 @@ class Scope:
             for pname, typ in recipe.context:
                 kwargs[pname] = self._context_value(resource, pname, typ)
             observer = root._observer if root is not None else None
-            if observer is None:
-                await _enter_bounded(lease, kwargs)
-            else:
+            if observer is not None:
                 await _enter_observed(lease, kwargs, observer)
+            elif resource.acquire_timeout is None or resource._own_deadline:
+                await _enter(lease, kwargs)
+            else:
+                await _enter_bounded(lease, kwargs)
             if root is not None and root._debug:
                 lease.site = traceback.extract_stack(limit=12)[:-1]
         except BaseException as exc:
@@ -243,6 +249,9 @@ class Scope:
         finally:
             self._state = CLOSED
             self._cache.clear()
+            # The context (a request) usually refers back to this scope: dropping it
+            # breaks that cycle, so a closed request leaves nothing to the cyclic GC.
+            self._context = None
             if self._root is not None:
                 self._root._child_closed(self)
         return _report(self.name, exc, suppressed, errors, interrupt)

@@ -538,3 +538,36 @@ class TestOnTrio:
         gate.release(holder)
         gate.release(await gate.acquire())
         assert gate.stats().in_use == 0
+
+
+class TestEachWaitersDeadline:
+    """Waiters with different deadlines each end at their own (on asyncio and on trio)."""
+
+    @pytest.fixture(params=["asyncio", "trio"])
+    def anyio_backend(self, request: pytest.FixtureRequest) -> str:
+        return str(request.param)
+
+    async def test_a_shorter_deadline_queued_later_ends_first(self) -> None:
+        """A waiter queued behind a patient one is refused at its own, earlier deadline."""
+        gate = Gate("db.connection", 1, timeout=30.0, shed=False)
+        holder = await gate.acquire()
+        ended: list[str] = []
+
+        async def wait(label: str, timeout: float) -> None:
+            with pytest.raises(ResourceBusy):
+                await gate.acquire(timeout)
+            ended.append(label)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait, "patient", 5.0)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(wait, "hurried", 0.05)
+                while not ended:
+                    await anyio.sleep(0.01)
+                assert ended == ["hurried"]
+                assert gate.stats().waiting == 1
+                tg.cancel_scope.cancel()
+        assert gate.stats().timed_out == 1
+        assert gate.stats().waiting == 0
+        gate.release(holder)

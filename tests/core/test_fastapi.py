@@ -4,7 +4,7 @@
 # annotations of routes declared inside test functions.
 
 import typing
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -488,6 +488,73 @@ class TestNoPerRequestPlanning:
             for _ in range(3):
                 assert (await client.get("/")).json() == "pool/conn"
             monkeypatch.undo()
+
+
+class TestNoGarbage:
+    """A served request leaves nothing for the cyclic garbage collector."""
+
+    async def test_a_closed_request_leaves_no_reference_cycle(self) -> None:
+        """After requests with request- and response-level resources, gc finds 0 objects.
+
+        A cycle (the request refers to its scope, the scope to the request) would
+        keep each request's whole ASGI scope alive until a collection, and make
+        every request pay for collections.
+        """
+        import gc
+
+        resources = Resources()
+
+        @resources.app
+        async def pool() -> AsyncIterator[str]:
+            yield "pool"
+
+        @resources.request
+        async def conn(p: Annotated[str, Use(pool)]) -> AsyncIterator[str]:
+            yield f"{p}/conn"
+
+        @resources.request(release="after_response")
+        async def stream(p: Annotated[str, Use(pool)]) -> AsyncIterator[str]:
+            yield f"{p}/stream"
+
+        app = FastAPI(lifespan=resources.lifespan)
+
+        @app.get("/")
+        async def endpoint(
+            c: Annotated[str, Use(conn)], s: Annotated[str, Use(stream)]
+        ) -> list[str]:
+            return [c, s]
+
+        async with LifespanManager(app) as manager:
+
+            async def call() -> int:
+                sent: list[MutableMapping[str, Any]] = []
+
+                async def receive() -> MutableMapping[str, Any]:
+                    return {"type": "http.request", "body": b"", "more_body": False}
+
+                async def send(message: MutableMapping[str, Any]) -> None:
+                    sent.append(message)
+
+                scope = {
+                    "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                    "method": "GET", "scheme": "http", "path": "/", "raw_path": b"/",
+                    "root_path": "", "query_string": b"", "headers": [],
+                    "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                    "state": dict(manager._state),
+                }
+                await manager.app(scope, receive, send)
+                return int(sent[0]["status"])
+
+            assert await call() == 200  # warm: the first request fills caches
+            gc.collect()
+            gc.disable()
+            try:
+                statuses = [await call() for _ in range(20)]
+                found = gc.collect()
+            finally:
+                gc.enable()
+        assert statuses == [200] * 20
+        assert found == 0, f"{found} objects of 20 requests were only freed by the cyclic gc"
 
 
 class TestBusyInsideTheEndpoint:

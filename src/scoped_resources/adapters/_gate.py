@@ -35,12 +35,16 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NoReturn, TypeVar
 
 import anyio
 
+from .._guard import DeadlineExpired, bounded, native_task
 from ..exceptions import ResourceBusy
+
+T = TypeVar("T")
 
 __all__ = ["Gate", "GateStats"]
 
@@ -70,7 +74,7 @@ class GateStats:
 
 
 class _Waiter:
-    __slots__ = ("budget", "deadline", "event", "expires", "future", "granted", "refused", "timer")
+    __slots__ = ("budget", "deadline", "event", "expires", "future", "granted", "refused")
 
     def __init__(self, now: float, budget: float, grace: float) -> None:
         self.budget = budget
@@ -83,10 +87,9 @@ class _Waiter:
         self.granted = False
         #: The expected wait, set when the gate refused this waiter while it waited.
         self.refused: float | None = None
-        # What the waiting task sleeps on: an asyncio future woken by loop timers
-        # (on asyncio), or an anyio event under a cancel scope (on other loops).
+        # What the waiting task sleeps on: an asyncio future woken by the gate's
+        # one timer (on asyncio), or an anyio event under a cancel scope (elsewhere).
         self.future: asyncio.Future[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.event: anyio.Event | None = None
 
     def wake(self) -> None:
@@ -143,6 +146,10 @@ class Gate:
         self._shed_count = 0
         self._timed_out = 0
         self._last_recheck = 0.0
+        #: The gate's one timer on asyncio, when it is armed: its handle, loop and time.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._timer_at = math.inf
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -231,10 +238,13 @@ class Gate:
         budget = self.timeout if timeout is None else timeout
         if budget is None:
             budget = math.inf
-        scope_left = anyio.current_effective_deadline() - anyio.current_time()
         grace = 0.0
-        if scope_left < budget:
-            budget, grace = scope_left, _SCOPE_GRACE
+        # Only a task inside an anyio cancel scope can have an earlier deadline; a
+        # task in none (a plain asyncio request) skips anyio's lookup.
+        if native_task() is None:
+            scope_left = anyio.current_effective_deadline() - anyio.current_time()
+            if scope_left < budget:
+                budget, grace = scope_left, _SCOPE_GRACE
         if self.shed:
             expected = self.expected_wait(len(self._waiters), now)
             if expected is not None and expected > budget:
@@ -243,24 +253,51 @@ class Gate:
         waiter = _Waiter(now, budget, grace)
         self._waiters[waiter] = None
         try:
-            await self._wait(waiter)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not asyncio (trio)
+                await self._wait_in_cancel_scopes(waiter)
+            else:
+                waiter.future = loop.create_future()
+                self._arm(loop, waiter.expires)
+                await waiter.future
         except BaseException:
             if waiter.granted:
                 self._hand_on()  # handed to us as we were cancelled: pass it on
             else:
                 self._waiters.pop(waiter, None)
             raise
+        if not waiter.granted:
+            self._refuse(waiter)
         return self._take(self._clock())
 
-    async def _wait(self, waiter: _Waiter) -> None:
+    async def enter(self, acquire: Callable[[], Awaitable[T]]) -> tuple[int, T]:
+        """Pass the gate, then ``await acquire()`` within what is left of the deadline.
+
+        The one deadline of a pooled lease: the gate's wait and the pool's own
+        acquire (instant unless it must reconnect) share *timeout*, and no timer
+        is armed unless one of them actually waits. Returns ``(ticket, value)``;
+        ResourceBusy when the deadline passes in either.
+        """
+        timeout = self.timeout
+        started = self._clock()
+        ticket = await self.acquire()
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio)
-            await self._wait_in_cancel_scopes(waiter)
-        else:
-            await self._wait_on_loop_timers(waiter, loop)
-        if waiter.granted:
-            return
+            if timeout is None:
+                value = await acquire()
+            else:
+                left = max(timeout - (self._clock() - started), 0.0)
+                value = await bounded(acquire(), left)
+        except DeadlineExpired:
+            self.release(ticket, record=False)
+            raise ResourceBusy(self.name, timeout or 0.0) from None
+        except BaseException:
+            self.release(ticket, record=False)
+            raise
+        return ticket, value
+
+    def _refuse(self, waiter: _Waiter) -> NoReturn:
+        """Raise ResourceBusy for a waiter that was refused or expired while it waited."""
         if waiter.refused is not None:
             self._shed_count += 1
             waited = self._clock() - (waiter.deadline - waiter.budget)
@@ -271,37 +308,37 @@ class Gate:
             self.name, waiter.budget, retry_after=self._retry_after(len(self._waiters))
         )
 
-    def _step(self, left: float) -> float:
-        """How long a waiter with *left* seconds sleeps before the gate looks again."""
-        return min(left, self._recheck) if self.shed else left
+    # -- the one timer (asyncio) ------------------------------------------------------
 
-    async def _wait_on_loop_timers(self, waiter: _Waiter, loop: asyncio.AbstractEventLoop) -> None:
-        # One future and one loop timer per wait: the re-checks and the deadline run
-        # as timer callbacks, so a waiter served quickly pays no cancel scope.
-        waiter.future = loop.create_future()
-        left = waiter.expires - self._clock()
-        if left <= 0:
-            return
-        waiter.timer = loop.call_later(self._step(left), self._tick, waiter, loop)
-        try:
-            await waiter.future
-        finally:
-            waiter.timer.cancel()
+    def _arm(self, loop: asyncio.AbstractEventLoop, expires: float) -> None:
+        """Make the gate's timer fire no later than *expires* (and each re-check period).
 
-    def _tick(self, waiter: _Waiter, loop: asyncio.AbstractEventLoop) -> None:
-        """A waiter's timer: end its wait at its deadline, else re-check the queue."""
-        assert waiter.future is not None
-        if waiter.future.done():
+        One timer per gate, not per waiter: it ends the waits that expired and,
+        when shedding, re-checks the queue's predictions.
+        """
+        at = min(expires, self._clock() + self._recheck) if self.shed else expires
+        handle = self._timer
+        if handle is not None and self._timer_loop is loop and self._timer_at <= at:
             return
-        left = waiter.expires - self._clock()
-        if left <= 0:
+        if handle is not None:
+            handle.cancel()
+        self._timer_loop = loop
+        self._timer_at = at
+        self._timer = loop.call_later(max(at - self._clock(), 0.0), self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = self._clock()
+        expired = [w for w in self._waiters if w.future is not None and w.expires <= now]
+        for waiter in expired:
+            del self._waiters[waiter]
             waiter.wake()
-            return
         if self.shed:
+            self._last_recheck = -math.inf  # this tick is the re-check
             self._recheck_queue()
-            if waiter.future.done():
-                return
-        waiter.timer = loop.call_later(self._step(left), self._tick, waiter, loop)
+        earliest = min((w.expires for w in self._waiters if w.future is not None), default=None)
+        if earliest is not None:
+            self._arm(loop, earliest)
 
     async def _wait_in_cancel_scopes(self, waiter: _Waiter) -> None:
         waiter.event = anyio.Event()
@@ -309,7 +346,7 @@ class Gate:
             left = waiter.expires - self._clock()
             if left <= 0:
                 return
-            with anyio.move_on_after(self._step(left)):
+            with anyio.move_on_after(min(left, self._recheck) if self.shed else left):
                 await waiter.event.wait()
             if waiter.granted or waiter.refused is not None:
                 return

@@ -99,12 +99,7 @@ class Postgres:
         async def connection(
             pool: Annotated[Any, Use(self.pool)],
         ) -> AsyncIterator[Any]:
-            ticket = await self.gate.acquire()
-            try:
-                conn = await self._acquire(pool)
-            except BaseException:
-                self.gate.release(ticket, record=False)
-                raise
+            ticket, conn = await self.gate.enter(lambda: self._acquire(pool))
             try:
                 yield conn
             except BaseException as exc:
@@ -124,14 +119,16 @@ class Postgres:
                 finally:
                     self.gate.release(ticket)
 
-        # The core bounds the acquire (a native timer, ~2.5 us) rather than
-        # pool.acquire(timeout=...) (asyncio.wait_for, ~9 us): same ResourceBusy.
+        # The gate bounds the whole acquire (its wait, then the pool's, armed only if
+        # the pool must connect) rather than the core (a second timer around the
+        # same wait) or pool.acquire(timeout=...) (asyncio.wait_for, ~9 us).
         self.connection: Resource[Any] = resources.request(
             name=f"{name}.connection",
             acquire_timeout=acquire_timeout,
             release_timeout=release_timeout,
             terminate=_terminate_connection,
         )(connection)
+        self.connection._own_deadline = True
 
         async def transaction(
             conn: Annotated[Any, Use(self.connection)],

@@ -131,6 +131,7 @@ class SQLAlchemy:
             release_timeout=release_timeout,
             terminate=self._invalidate,
         )(connection)
+        self.connection._own_deadline = True  # the gate bounds it (see _connect)
 
         async def session(
             conn: Annotated[Any, Use(self.connection)],
@@ -189,15 +190,11 @@ class SQLAlchemy:
     async def _connect(self, engine: "AsyncEngine") -> "AsyncConnection":
         from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-        ticket = await self.gate.acquire()
         try:
-            conn = await engine.connect()
+            # One deadline for the gate's wait and the checkout (armed only if it waits).
+            ticket, conn = await self.gate.enter(engine.connect)
         except PoolTimeout:
-            self.gate.release(ticket, record=False)
             raise ResourceBusy(f"{self.name}.connection", self.acquire_timeout) from None
-        except BaseException:
-            self.gate.release(ticket, record=False)
-            raise
         self._leased[conn] = ticket
         return conn
 
