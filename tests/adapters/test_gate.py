@@ -149,18 +149,31 @@ class TestPrediction:
             gate.release(ticket)
         assert gate.stats().in_use == 0
 
-    async def test_without_samples_only_the_deadline_refuses(self) -> None:
-        """A fresh gate queues everyone and refuses them at their deadline, not before."""
-        gate = Gate("db.connection", 1, timeout=0.05)
+    async def test_a_cold_gate_with_a_free_slot_has_no_estimate(self) -> None:
+        """Before any lease ended, and with a slot free, nothing is predicted."""
+        clock = Clock()
+        gate = Gate("db.connection", 2, timeout=1.0, clock=clock)
         holder = await gate.acquire()
-        with anyio.fail_after(5):
-            with pytest.raises(ResourceBusy) as late:
-                await gate.acquire()
-        assert late.value.expected_wait is None
-        assert late.value.waited == 0.05
-        assert late.value.retry_after == 1
-        assert (gate.stats().shed, gate.stats().timed_out) == (0, 1)
+        clock.now += 30.0
+        assert gate.hold_estimate() is None
+        assert gate.expected_wait(5) is None
         gate.release(holder)
+
+    async def test_a_cold_gate_predicts_from_the_age_of_its_stuck_holders(self) -> None:
+        """No lease ended yet, every slot held for 3 s: a newcomer expects 1/2 x 3 s."""
+        clock = Clock()
+        gate = Gate("db.connection", 2, timeout=1.0, clock=clock)
+        tickets = await fill(gate)
+        clock.now += 3.0
+        assert gate.hold_estimate() == pytest.approx(3.0, abs=0.05)
+        with anyio.fail_after(5), pytest.raises(ResourceBusy) as refused:
+            await gate.acquire()
+        assert refused.value.expected_wait == pytest.approx(1.5, abs=0.05)
+        assert refused.value.waited == 0.0
+        assert refused.value.retry_after == 2
+        assert (gate.stats().shed, gate.stats().timed_out) == (1, 0)
+        for ticket in tickets:
+            gate.release(ticket)
 
     async def test_queued_waiters_are_refused_once_stuck_holders_outlive_the_estimate(
         self,
@@ -495,8 +508,8 @@ class TestOnTrio:
         return "trio"
 
     async def test_a_waiter_is_refused_at_its_deadline(self) -> None:
-        """With no estimate yet, a waiter behind a stuck holder is refused when its time is up."""
-        gate = Gate("db.connection", 1, timeout=0.05)
+        """Without shedding, a waiter behind a stuck holder is refused when its time is up."""
+        gate = Gate("db.connection", 1, timeout=0.05, shed=False)
         holder = await gate.acquire()
         with anyio.fail_after(5), pytest.raises(ResourceBusy):
             await gate.acquire()

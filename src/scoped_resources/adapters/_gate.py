@@ -19,8 +19,12 @@ The model (cheap, and deliberately simple):
   the same estimate) instead of at its deadline. This is checked on arrival and
   again, for waiters already queued, at most every *recheck* seconds while they
   wait (the estimate grows while leases stay stuck).
-* until *min_samples* leases have ended there is no estimate: only the deadline
-  refuses.
+* until *min_samples* leases have ended (a cold pool) the average is not used:
+  while every slot is taken the youngest lease's age is the estimate, for the
+  same reason; with a slot free there is no estimate and only the deadline
+  refuses. So a burst that is the pool's first traffic, behind stuck holders, is
+  refused progressively, the back of the queue first, and not all at once at the
+  deadline (when the answers would queue behind each other).
 
 Limits: the estimate knows nothing about *why* leases are slow; a burst of
 long leases after a quiet period is predicted from the quiet period until it
@@ -158,14 +162,18 @@ class Gate:
     # -- the estimate ------------------------------------------------------------
 
     def hold_estimate(self, now: float | None = None) -> float | None:
-        """The typical hold time used for predictions (seconds), or None without samples."""
-        if self._hold is None or self._samples < self._min_samples:
-            return None
+        """The typical hold time used for predictions (seconds), or None without evidence.
+
+        The average of finished leases, raised to the youngest holder's age while
+        every slot is taken; that age alone before *min_samples* leases ended.
+        """
+        stuck: float | None = None
         if self._in_use >= self.capacity and self._held:
             youngest = next(reversed(self._held.values()))
-            age = (self._clock() if now is None else now) - youngest
-            return max(self._hold, age)
-        return self._hold
+            stuck = (self._clock() if now is None else now) - youngest
+        if self._hold is None or self._samples < self._min_samples:
+            return stuck
+        return self._hold if stuck is None else max(self._hold, stuck)
 
     def expected_wait(self, ahead: int, now: float | None = None) -> float | None:
         """How long a waiter with *ahead* waiters in front of it should expect to wait."""
