@@ -160,18 +160,25 @@ class TestPrediction:
         gate.release(holder)
 
     async def test_a_cold_gate_predicts_from_the_age_of_its_stuck_holders(self) -> None:
-        """No lease ended yet, every slot held for 3 s: a newcomer expects 1/2 x 3 s."""
+        """No lease ended yet, both slots held for 3 s: one waiter ahead means 1/2 x 3 s."""
         clock = Clock()
         gate = Gate("db.connection", 2, timeout=1.0, clock=clock)
         tickets = await fill(gate)
         clock.now += 3.0
         assert gate.hold_estimate() == pytest.approx(3.0, abs=0.05)
-        with anyio.fail_after(5), pytest.raises(ResourceBusy) as refused:
-            await gate.acquire()
+        # The head of a cold queue is not predicted: the holders may end any moment.
+        assert gate.expected_wait(0) is None
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(gate.acquire, 30.0)  # the head: waits
+                await anyio.wait_all_tasks_blocked()
+                with pytest.raises(ResourceBusy) as refused:
+                    await gate.acquire()
+                tg.cancel_scope.cancel()
         assert refused.value.expected_wait == pytest.approx(1.5, abs=0.05)
         assert refused.value.waited == 0.0
         assert refused.value.retry_after == 2
-        assert (gate.stats().shed, gate.stats().timed_out) == (1, 0)
+        assert (gate.stats().shed, gate.stats().timed_out, gate.stats().waiting) == (1, 0, 0)
         for ticket in tickets:
             gate.release(ticket)
 

@@ -182,7 +182,8 @@ class TestCancellation:
     ) -> None:
         """Many requests cancelled mid-connect leave all max_connections slots usable."""
         resources = Resources("t")
-        http = HTTP(resources, max_connections=3, acquire_timeout=1.0)
+        # shed=False: every request waits for a slot and is cancelled (none refused early).
+        http = HTTP(resources, max_connections=3, acquire_timeout=1.0, shed=False)
         async with resources.open() as app_scope:
             client = await app_scope.get(http.client)
 
@@ -214,7 +215,8 @@ class TestCancellation:
     async def test_cancel_while_waiting_for_a_slot(self, upstream: Upstream) -> None:
         """A request cancelled while waiting for a slot takes none."""
         resources = Resources("t")
-        http = HTTP(resources, max_connections=1, acquire_timeout=5.0)
+        # shed=False: the request waits (a refusal by prediction would end it first).
+        http = HTTP(resources, max_connections=1, acquire_timeout=5.0, shed=False)
         async with resources.open() as app_scope:
             client = await app_scope.get(http.client)
             url = f"http://127.0.0.1:{upstream.port}"

@@ -21,10 +21,12 @@ The model (cheap, and deliberately simple):
   wait (the estimate grows while leases stay stuck).
 * until *min_samples* leases have ended (a cold pool) the average is not used:
   while every slot is taken the youngest lease's age is the estimate, for the
-  same reason; with a slot free there is no estimate and only the deadline
-  refuses. So a burst that is the pool's first traffic, behind stuck holders, is
-  refused progressively, the back of the queue first, and not all at once at the
-  deadline (when the answers would queue behind each other).
+  same reason, but only the leases of the waiters *ahead* are counted
+  (``ahead / capacity * hold``): nothing says how soon the current holders
+  finish, so the head of the queue is refused only by its deadline. With a slot
+  free there is no estimate. So a burst that is the pool's first traffic, behind
+  stuck holders, is refused progressively, the back of the queue first, and not
+  all at once at the deadline (when the answers would queue behind each other).
 
 Limits: the estimate knows nothing about *why* leases are slow; a burst of
 long leases after a quiet period is predicted from the quiet period until it
@@ -167,20 +169,33 @@ class Gate:
         The average of finished leases, raised to the youngest holder's age while
         every slot is taken; that age alone before *min_samples* leases ended.
         """
+        prediction = self._prediction(now)
+        return None if prediction is None else prediction[0]
+
+    def _prediction(self, now: float | None) -> tuple[float, int] | None:
+        """``(hold, first)``: with *ahead* in front, expect ``(ahead + first) / capacity * hold``.
+
+        Warm (``first`` 1): the current holders' leases count as whole ones. Cold
+        (``first`` 0): nothing says how soon the current holders finish, so only the
+        leases of the waiters ahead are counted, each as long as the holders took.
+        """
         stuck: float | None = None
         if self._in_use >= self.capacity and self._held:
             youngest = next(reversed(self._held.values()))
             stuck = (self._clock() if now is None else now) - youngest
         if self._hold is None or self._samples < self._min_samples:
-            return stuck
-        return self._hold if stuck is None else max(self._hold, stuck)
+            return None if stuck is None else (stuck, 0)
+        return (self._hold if stuck is None else max(self._hold, stuck)), 1
 
     def expected_wait(self, ahead: int, now: float | None = None) -> float | None:
         """How long a waiter with *ahead* waiters in front of it should expect to wait."""
-        hold = self.hold_estimate(now)
-        if hold is None:
+        prediction = self._prediction(now)
+        if prediction is None:
             return None
-        return (ahead + 1) / self.capacity * hold
+        hold, first = prediction
+        if ahead + first == 0:
+            return None  # the head of a cold queue: only its deadline refuses it
+        return (ahead + first) / self.capacity * hold
 
     def _record(self, held_for: float) -> None:
         if self._hold is None:
@@ -367,13 +382,14 @@ class Gate:
         if now - self._last_recheck < self._recheck:
             return
         self._last_recheck = now
-        hold = self.hold_estimate(now)
-        if hold is None:
+        prediction = self._prediction(now)
+        if prediction is None:
             return
+        hold, first = prediction
         refused: list[_Waiter] = []
         for ahead, waiter in enumerate(self._waiters):
-            expected = (ahead + 1) / self.capacity * hold
-            if expected > waiter.deadline - now:
+            expected = (ahead + first) / self.capacity * hold
+            if expected > 0 and expected > waiter.deadline - now:
                 waiter.refused = expected
                 refused.append(waiter)
         for waiter in refused:
