@@ -1,23 +1,27 @@
 """Bound an awaitable by a deadline, and tell when the deadline hit.
 
-Two ways, chosen per call (releases use the same two, with a shield, in ``_scope``):
+Two ways, chosen per call (releases use the same two, with a shield, in ``_release``):
 
 * **anyio cancel scope** (any backend): a ``CancelScope`` with the deadline,
   entered before the awaitable takes its first step, so that cancel scopes
   the awaitable opens nest inside it. About 8 us on asyncio.
-* **native timer** (asyncio, when the task is inside no anyio cancel scope): a
-  ``loop.call_at`` that cancels the task, like ``asyncio.timeout`` but lighter,
-  armed only if the awaitable suspends at all. No shield is needed there: anyio
-  delivers cancellation only to tasks inside one of its cancel scopes, and a
-  native ``task.cancel()`` is not stopped by any shield. Whether the task is
-  inside an anyio scope is read from anyio's task states; if that private table
-  ever moves, the anyio path is used.
+* **the loop's deadline wheel** (asyncio, when the task is inside no anyio cancel
+  scope): the deadline is recorded in a table kept per event loop, and one loop
+  timer, armed for the earliest deadline in the table, cancels the tasks whose
+  deadline passed, natively. Recording and removing a deadline costs a dict
+  insertion and deletion; no timer is armed per call, and the awaitable is
+  awaited directly. No shield is needed there: anyio delivers cancellation only
+  to tasks inside one of its cancel scopes, and a native ``task.cancel()`` is not
+  stopped by any shield. Whether the task is inside an anyio scope is read from
+  anyio's task states; if that private table ever moves, the anyio path is used.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Generator
+import math
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -35,88 +39,154 @@ class DeadlineExpired(Exception):
     """Raised when the guarded awaitable was cancelled by its own deadline."""
 
 
+def _current_task_lookup() -> Any:
+    """``asyncio.current_task`` without its Python frame where it has one (3.11)."""
+    import types
+
+    if isinstance(asyncio.current_task, types.BuiltinFunctionType):
+        return asyncio.current_task  # C since 3.12
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if not isinstance(tasks, dict):  # pragma: no cover - another 3.11 layout
+        return asyncio.current_task
+    get_running_loop = asyncio.get_running_loop
+    by_loop = tasks.get
+
+    def current_task() -> asyncio.Task[Any] | None:
+        return by_loop(get_running_loop())
+
+    return current_task
+
+
+_current_task: Callable[[], asyncio.Task[Any] | None] = _current_task_lookup()
+_ref = weakref.ref
+#: The dict under anyio's weakly keyed task states (None if that ever changes).
+_task_state_data: dict[Any, Any] | None = (
+    _task_states.data if isinstance(getattr(_task_states, "data", None), dict) else None
+)
+
+
 def native_task() -> asyncio.Task[Any] | None:
     """The current asyncio task when no anyio cancel scope can reach it, else None."""
     try:
-        task = asyncio.current_task()
+        task = _current_task()
     except RuntimeError:  # no asyncio loop: trio
         return None
     if task is None or _task_states is None:
         return None
-    state = _task_states.get(task)
+    # WeakKeyDictionary.get(task), without its Python frame.
+    state = _task_state_data.get(_ref(task)) if _task_state_data is not None else None
+    if _task_state_data is None:
+        state = _task_states.get(task)
     if state is not None and getattr(state, "cancel_scope", True) is not None:
         return None
     return task
 
 
-class _Expiry:
-    __slots__ = ("fired", "task")
+class Deadline:
+    """One recorded deadline: the task the wheel cancels when *at* passes."""
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    __slots__ = ("at", "fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any], at: float) -> None:
         self.task = task
+        self.at = at
         self.fired = False
 
-    def __call__(self) -> None:
-        self.fired = True
-        self.task.cancel()
+
+class Wheel:
+    """The deadlines of one event loop, served by one timer armed for the earliest."""
+
+    __slots__ = ("_armed_at", "_handle", "_loop", "entries")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.entries: dict[Deadline, None] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at = math.inf
+
+    def add(self, task: asyncio.Task[Any], timeout: float) -> Deadline:
+        """Cancel *task* once *timeout* seconds have passed, unless removed before."""
+        at = self._loop.time() + timeout
+        deadline = Deadline(task, at)
+        self.entries[deadline] = None
+        if at < self._armed_at:
+            self._arm(at)
+        return deadline
+
+    def remove(self, deadline: Deadline) -> None:
+        self.entries.pop(deadline, None)
+
+    def _arm(self, at: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_at = at
+        self._handle = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed_at = math.inf
+        now = self._loop.time()
+        earliest = math.inf
+        expired: list[Deadline] = []
+        for deadline in self.entries:
+            if deadline.at <= now:
+                expired.append(deadline)
+            elif deadline.at < earliest:
+                earliest = deadline.at
+        for deadline in expired:
+            del self.entries[deadline]
+            deadline.fired = True
+            deadline.task.cancel()
+        if earliest < math.inf:
+            self._arm(earliest)
 
 
-class on_timer(Awaitable[T]):  # noqa: N801 - used like a function
-    """Await *awaitable*; cancel *task* natively once *timeout* seconds have passed.
+_wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wheel] = weakref.WeakKeyDictionary()
+_last: tuple[asyncio.AbstractEventLoop | None, Wheel | None] = (None, None)
 
-    The timer is armed only if the awaitable suspends: most acquires and
-    releases without I/O finish on their first step and pay nothing. (This lazy
-    start is safe with a native timer; it would not be with a cancel scope, which
-    must be entered before the awaitable opens scopes of its own.)
-    """
 
-    __slots__ = ("_awaitable", "_task", "_timeout")
+def wheel_of(task: asyncio.Task[Any]) -> Wheel:
+    """The deadline wheel of *task*'s loop (made on first use)."""
+    global _last  # noqa: PLW0603 - a one-entry cache in front of the table
+    loop = task.get_loop()
+    cached_loop, cached = _last
+    if cached_loop is loop and cached is not None:
+        return cached
+    wheel = _wheels.get(loop)
+    if wheel is None:
+        wheel = _wheels[loop] = Wheel(loop)
+    _last = (loop, wheel)
+    return wheel
 
-    def __init__(self, awaitable: Awaitable[T], timeout: float, task: asyncio.Task[Any]) -> None:
-        self._awaitable = awaitable
-        self._timeout = timeout
-        self._task = task
 
-    def __await__(self) -> Generator[Any, Any, T]:
-        it = self._awaitable.__await__()
-        try:
-            signal = it.send(None)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        task = self._task
-        loop = task.get_loop()
-        expiry = _Expiry(task)
-        handle = loop.call_at(loop.time() + self._timeout, expiry)
-        try:
-            while True:
-                try:
-                    sent = yield signal
-                except GeneratorExit:
-                    it.close()
-                    raise
-                except BaseException as exc:  # noqa: BLE001 - forwarded into the awaitable
-                    signal = it.throw(exc)
-                else:
-                    signal = it.send(sent)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        except asyncio.CancelledError:
-            if expiry.fired and task.uncancel() == 0:
-                raise DeadlineExpired from None
-            raise
-        finally:
-            handle.cancel()
+def expired(deadline: Deadline) -> bool:
+    """After a CancelledError: True when *deadline* caused it (and it is now withdrawn)."""
+    return deadline.fired and deadline.task.uncancel() == 0
+
+
+async def on_wheel(awaitable: Awaitable[T], timeout: float, task: asyncio.Task[Any]) -> T:
+    """Await *awaitable*; cancel *task* natively once *timeout* seconds have passed."""
+    wheel = wheel_of(task)
+    deadline = wheel.add(task, timeout)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if expired(deadline):
+            raise DeadlineExpired from None
+        raise
+    finally:
+        wheel.remove(deadline)
 
 
 def bounded(awaitable: Awaitable[T], timeout: float) -> Awaitable[T]:
     """*awaitable* bounded by *timeout* seconds; :class:`DeadlineExpired` past it.
 
-    On a native timer when no anyio cancel scope can reach the task, else under an
+    On the loop's deadline wheel when no anyio cancel scope can reach the task, else under an
     anyio cancel scope entered before the awaitable's first step.
     """
     task = native_task()
     if task is not None:
-        return on_timer(awaitable, timeout, task)
+        return on_wheel(awaitable, timeout, task)
     return _in_cancel_scope(awaitable, timeout)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from ._failures import log_failure
-from ._guard import DeadlineExpired, native_task, on_timer
+from ._guard import expired, native_task, wheel_of
 from ._lease import FAILED, RELEASED, RELEASING, TERMINATED, Lease
 from ._observe import Observer
 from ._resource import Kind, Resource
@@ -81,8 +81,8 @@ async def _release_all(
 ) -> tuple[bool, list[Exception], BaseException | None]:
     """Release *leases* in reverse order; never raises.
 
-    On asyncio outside anyio cancel scopes, each release runs under a native timer
-    (see ``_guard``). Otherwise all run under one shielded cancel scope whose
+    On asyncio outside anyio cancel scopes, each release's deadline is on the loop's
+    deadline wheel (see ``_guard``). Otherwise all run under one shielded cancel scope whose
     deadline is moved to each release's own. Either way a release that overruns
     its deadline, fails, or is interrupted by a native cancel is terminated, and
     the rest are still released.
@@ -96,9 +96,7 @@ async def _release_all(
         return run.suppressed, run.errors, run.interrupt
     task = native_task()
     if task is not None:
-        for lease in todo:
-            await run.release_on_timer(lease, task)
-            await run.terminate_stopped()
+        await run.release_on_wheel(todo, task)
         return run.suppressed, run.errors, run.interrupt
     while run.index < len(todo):
         with anyio.CancelScope(deadline=_deadline(todo[run.index]), shield=True) as scope:
@@ -137,23 +135,42 @@ class _ReleaseRun:
         self.interrupt: BaseException | None = None
         self.stopped: Lease | None = None
 
-    async def release_on_timer(self, lease: Lease, task: asyncio.Task[Any]) -> None:
-        """Release one lease under a native timer (no anyio scope can cancel this task)."""
-        lease.state = RELEASING
-        if self.observer is not None:
-            self.started = time.perf_counter()
-        timeout = lease.resource.release_timeout
-        release = _release_awaitable(lease, self.exc)
-        try:
-            result = await (release if timeout is None else on_timer(release, timeout, task))
-        except DeadlineExpired:
-            self._timed_out(lease)
-        except Exception as failure:  # noqa: BLE001 - gathered and raised together
-            self._failed(lease, failure)
-        except BaseException as stop:  # noqa: BLE001 - a native cancel (not ours) or ^C
-            self._interrupted(lease, stop)
-        else:
-            self._released(lease, result)
+    async def release_on_wheel(self, todo: list[Lease], task: asyncio.Task[Any]) -> None:
+        """Release *todo* in order, each deadline on the loop's wheel.
+
+        For a task no anyio scope can cancel; a lease whose release did not end
+        well is terminated before the next is released.
+        """
+        exc = self.exc
+        observer = self.observer
+        wheel = wheel_of(task)
+        for lease in todo:
+            lease.state = RELEASING
+            if observer is not None:
+                self.started = time.perf_counter()
+            timeout = lease.resource.release_timeout
+            release = _release_awaitable(lease, exc)
+            deadline = None if timeout is None else wheel.add(task, timeout)
+            try:
+                result = await release
+            except Exception as failure:  # noqa: BLE001 - gathered and raised together
+                self._failed(lease, failure)
+            except BaseException as stop:  # noqa: BLE001 - our deadline, a native cancel, or ^C
+                if (
+                    deadline is not None
+                    and isinstance(stop, asyncio.CancelledError)
+                    and expired(deadline)
+                ):
+                    self._timed_out(lease)
+                else:
+                    self._interrupted(lease, stop)
+            else:
+                self._released(lease, result)
+            finally:
+                if deadline is not None:
+                    wheel.remove(deadline)
+            if self.stopped is not None:
+                await self.terminate_stopped()
 
     async def release_from(self, todo: list[Lease], scope: anyio.CancelScope) -> None:
         """Release todo[self.index:] until one overruns or is interrupted."""

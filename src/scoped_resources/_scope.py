@@ -7,6 +7,7 @@ run (reverse order, shielded, bounded, each told the outcome).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import traceback
 import warnings
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from ._acquire import _enter, _enter_bounded, _enter_observed
+from ._guard import expired, native_task, wheel_of
 from ._lease import ACQUIRING, FAILED, HELD, Lease
 from ._plan import Recipe
 from ._release import _note, _release_all, _report
@@ -182,10 +184,23 @@ class Scope:
             for pname, typ in recipe.context:
                 kwargs[pname] = self._context_value(resource, pname, typ)
             observer = root._observer if root is not None else None
+            timeout = resource.acquire_timeout
             if observer is not None:
                 await _enter_observed(lease, kwargs, observer)
-            elif resource.acquire_timeout is None or resource._own_deadline:
+            elif timeout is None or resource._own_deadline:
                 await _enter(lease, kwargs)
+            elif (task := native_task()) is not None:
+                # The common case, inlined: the deadline on the loop's wheel.
+                wheel = wheel_of(task)
+                deadline = wheel.add(task, timeout)
+                try:
+                    await _enter(lease, kwargs)
+                except asyncio.CancelledError:
+                    if expired(deadline):
+                        raise ResourceBusy(resource.name, timeout) from None
+                    raise
+                finally:
+                    wheel.remove(deadline)
             else:
                 await _enter_bounded(lease, kwargs)
             if root is not None and root._debug:
