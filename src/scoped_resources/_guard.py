@@ -99,14 +99,16 @@ class Wheel:
     __slots__ = ("_armed_at", "_handle", "_loop", "entries")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weakly: the table of wheels is keyed weakly by loop, and a value that
+        # referred to its key would keep every closed loop alive.
+        self._loop = weakref.ref(loop)
         self.entries: dict[Deadline, None] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = math.inf
 
     def add(self, task: asyncio.Task[Any], timeout: float) -> Deadline:
         """Cancel *task* once *timeout* seconds have passed, unless removed before."""
-        at = self._loop.time() + timeout
+        at = task.get_loop().time() + timeout
         deadline = Deadline(task, at)
         self.entries[deadline] = None
         if at < self._armed_at:
@@ -117,15 +119,21 @@ class Wheel:
         self.entries.pop(deadline, None)
 
     def _arm(self, at: float) -> None:
+        loop = self._loop()
+        if loop is None:  # pragma: no cover - a loop is alive while its tasks run
+            return
         if self._handle is not None:
             self._handle.cancel()
         self._armed_at = at
-        self._handle = self._loop.call_at(at, self._fire)
+        self._handle = loop.call_at(at, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
         self._armed_at = math.inf
-        now = self._loop.time()
+        loop = self._loop()
+        if loop is None:  # pragma: no cover - the timer runs on its live loop
+            return
+        now = loop.time()
         earliest = math.inf
         expired: list[Deadline] = []
         for deadline in self.entries:
@@ -142,20 +150,21 @@ class Wheel:
 
 
 _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wheel] = weakref.WeakKeyDictionary()
-_last: tuple[asyncio.AbstractEventLoop | None, Wheel | None] = (None, None)
+#: A one-entry cache in front of the table: the last loop (weakly) and its wheel.
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop] | None, Wheel | None] = (None, None)
 
 
 def wheel_of(task: asyncio.Task[Any]) -> Wheel:
     """The deadline wheel of *task*'s loop (made on first use)."""
-    global _last  # noqa: PLW0603 - a one-entry cache in front of the table
+    global _last  # noqa: PLW0603 - the one-entry cache
     loop = task.get_loop()
-    cached_loop, cached = _last
-    if cached_loop is loop and cached is not None:
+    cached_ref, cached = _last
+    if cached_ref is not None and cached_ref() is loop and cached is not None:
         return cached
     wheel = _wheels.get(loop)
     if wheel is None:
         wheel = _wheels[loop] = Wheel(loop)
-    _last = (loop, wheel)
+    _last = (weakref.ref(loop), wheel)
     return wheel
 
 
