@@ -45,7 +45,7 @@ from typing import Any, cast
 
 import redis.asyncio
 from redis.asyncio.client import Pipeline, PubSub
-from redis.asyncio.connection import BlockingConnectionPool, Connection
+from redis.asyncio.connection import BlockingConnectionPool, Connection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .._registry import Resources
@@ -95,7 +95,13 @@ class BusyAwarePool(BlockingConnectionPool):
         ticket = None if gate is None else await gate.acquire()
         # The arguments are deprecated and unused by redis-py; never forward them.
         try:
-            conn = cast(Connection, await super().get_connection())  # type: ignore[no-untyped-call]
+            if gate is None:
+                conn = cast(Connection, await super().get_connection())  # type: ignore[no-untyped-call]
+            else:
+                # The gate lent a slot, so a connection is free or may be made: take it
+                # as the plain pool does, without the blocking pool's condition and
+                # timeout (a loop timer per command) around a wait that cannot happen.
+                conn = cast(Connection, await ConnectionPool.get_connection(self))  # type: ignore[no-untyped-call]
         except BaseException as exc:
             if gate is not None and ticket is not None:
                 gate.release(ticket, record=False)
@@ -112,7 +118,11 @@ class BusyAwarePool(BlockingConnectionPool):
         try:
             if self.closed:
                 await connection.disconnect()
-            await super().release(connection)
+            if self.gate is None:
+                await super().release(connection)
+            else:
+                # Nobody waits on the blocking pool's condition: the gate's waiters do.
+                await ConnectionPool.release(self, connection)
         finally:
             ticket = self.__dict__.get("_tickets", {}).pop(id(connection), None)
             if ticket is not None and self.gate is not None:
