@@ -94,11 +94,18 @@ def _make_getter(resource: Resource[Any]) -> Callable[..., Any]:
     name = resource.name
 
     if resource.level is Level.APP:
+        held_key = _held_key(registry)
+        busy_key = f"{registry.state_key}:busy"
 
         async def get_app_resource(request: Request) -> Any:
             # App resources lend per command (a Redis or HTTP pool): their
-            # ResourceBusy surfaces in the endpoint, and becomes 503 here.
-            request.scope[_FUNCTION_STACK].push_async_exit(_busy_to_503)
+            # ResourceBusy surfaces in the endpoint, and becomes 503 here. Once per
+            # request, and not at all when the request scope's exit (which does
+            # the same) is already there.
+            scope = request.scope
+            if held_key not in scope and busy_key not in scope:
+                scope[busy_key] = True
+                scope[_FUNCTION_STACK].push_async_exit(_busy_to_503)
             if resource._override is not None:
                 return await _app_scope(request, key, registry).get(resource._override)
             lease = _app_scope(request, key, registry)._cache.get(resource)

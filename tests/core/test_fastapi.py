@@ -585,6 +585,49 @@ class TestBusyInsideTheEndpoint:
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
 
+    @pytest.mark.parametrize("order", ["request_first", "app_first"])
+    async def test_busy_from_an_app_resource_beside_request_resources_answers_503(
+        self, order: str
+    ) -> None:
+        """With a request scope in the route too, in either order, the answer is 503 once."""
+        from scoped_resources.exceptions import ResourceBusy
+
+        journal = Journal()
+        resources = Resources()
+        tx = generator_resource(resources, journal, "tx")
+
+        class Client:
+            async def get(self) -> str:
+                raise ResourceBusy("redis.client", 0.2)
+
+        @resources.app
+        def client() -> Client:
+            return Client()
+
+        app = FastAPI(lifespan=resources.lifespan)
+
+        if order == "request_first":
+
+            @app.get("/")
+            async def endpoint(
+                t: Annotated[str, Use(tx)], c: Annotated[Client, Use(client)]
+            ) -> str:
+                return await c.get()
+
+        else:
+
+            @app.get("/")
+            async def endpoint_app_first(
+                c: Annotated[Client, Use(client)], t: Annotated[str, Use(tx)]
+            ) -> str:
+                return await c.get()
+
+        async with serve(app) as http:
+            response = await http.get("/")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert journal.events == ["acquire tx", "release tx after ResourceBusy"]
+
     async def test_busy_in_the_endpoint_rolls_back_request_resources(self) -> None:
         """The request's transaction sees the ResourceBusy as its outcome."""
         from scoped_resources.exceptions import ResourceBusy
