@@ -15,7 +15,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 
-from scoped_resources import Resources, Use
+from scoped_resources import Resource, Resources, Use
 from scoped_resources.exceptions import ResourceMisuse, ScopeClosed
 
 from .helpers import Journal, generator_resource
@@ -49,6 +49,20 @@ def journaled_app(journal: Journal) -> tuple[FastAPI, Resources]:
         return response
 
     return app, resources
+
+
+def pool_and_connection(resources: Resources) -> tuple[Resource[str], Resource[str]]:
+    """An app resource ``pool`` and a request resource ``conn`` that uses it."""
+
+    @resources.app
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+
+    @resources.request
+    async def conn(p: Annotated[str, Use(pool)]) -> AsyncIterator[str]:
+        yield f"{p}/conn"
+
+    return pool, conn
 
 
 class TestCommitBeforeRespond:
@@ -463,13 +477,7 @@ class TestNoPerRequestPlanning:
         """After start-up, signature inspection is never called again by the library."""
         resources = Resources()
 
-        @resources.app
-        async def pool() -> AsyncIterator[str]:
-            yield "pool"
-
-        @resources.request
-        async def conn(p: Annotated[str, Use(pool)]) -> AsyncIterator[str]:
-            yield f"{p}/conn"
+        _, conn = pool_and_connection(resources)
 
         app = FastAPI(lifespan=resources.lifespan)
 
@@ -504,13 +512,7 @@ class TestNoGarbage:
 
         resources = Resources()
 
-        @resources.app
-        async def pool() -> AsyncIterator[str]:
-            yield "pool"
-
-        @resources.request
-        async def conn(p: Annotated[str, Use(pool)]) -> AsyncIterator[str]:
-            yield f"{p}/conn"
+        pool, conn = pool_and_connection(resources)
 
         @resources.request(release="after_response")
         async def stream(p: Annotated[str, Use(pool)]) -> AsyncIterator[str]:
@@ -557,22 +559,34 @@ class TestNoGarbage:
         assert found == 0, f"{found} objects of 20 requests were only freed by the cyclic gc"
 
 
+class Client:
+    """A per-command pool client whose pool has run dry."""
+
+    async def get(self) -> str:
+        from scoped_resources.exceptions import ResourceBusy
+
+        raise ResourceBusy("redis.client", 0.2)
+
+
+def busy_client(resources: Resources) -> Resource[Client]:
+    """An app resource lending a :class:`Client` that raises ResourceBusy when used."""
+
+    @resources.app
+    def client() -> Client:
+        return Client()
+
+    return client
+
+
 class TestBusyInsideTheEndpoint:
     """A ResourceBusy raised while the endpoint uses a resource is a 503 too."""
 
     async def test_busy_from_an_app_resource_in_the_endpoint_answers_503(self) -> None:
         """A per-command pool running dry inside the route answers 503, not 500."""
-        from scoped_resources.exceptions import ResourceBusy
 
         resources = Resources()
 
-        class Client:
-            async def get(self) -> str:
-                raise ResourceBusy("redis.client", 0.2)
-
-        @resources.app
-        def client() -> Client:
-            return Client()
+        client = busy_client(resources)
 
         app = FastAPI(lifespan=resources.lifespan)
 
@@ -590,19 +604,12 @@ class TestBusyInsideTheEndpoint:
         self, order: str
     ) -> None:
         """With a request scope in the route too, in either order, the answer is 503 once."""
-        from scoped_resources.exceptions import ResourceBusy
 
         journal = Journal()
         resources = Resources()
         tx = generator_resource(resources, journal, "tx")
 
-        class Client:
-            async def get(self) -> str:
-                raise ResourceBusy("redis.client", 0.2)
-
-        @resources.app
-        def client() -> Client:
-            return Client()
+        client = busy_client(resources)
 
         app = FastAPI(lifespan=resources.lifespan)
 
