@@ -43,11 +43,11 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 
-from .._guard import DeadlineExpired, bounded, native_task
+from .._guard import DeadlineExpired, bounded, expired, native_task, wheel_of
 from ..exceptions import ResourceBusy
 
 T = TypeVar("T")
@@ -258,13 +258,19 @@ class Gate:
         if self._in_use < self.capacity and not self._waiters:
             self._in_use += 1
             return self._take(now)
+        return await self._wait_for_slot(now, timeout, native_task())
+
+    async def _wait_for_slot(
+        self, now: float, timeout: float | None, task: asyncio.Task[Any] | None
+    ) -> int:
+        """Queue for a slot; *task* is the asyncio task when no anyio scope can reach it."""
         budget = self.timeout if timeout is None else timeout
         if budget is None:
             budget = math.inf
         grace = 0.0
         # Only a task inside an anyio cancel scope can have an earlier deadline; a
         # task in none (a plain asyncio request) skips anyio's lookup.
-        if native_task() is None:
+        if task is None:
             scope_left = anyio.current_effective_deadline() - anyio.current_time()
             if scope_left < budget:
                 budget, grace = scope_left, _SCOPE_GRACE
@@ -304,13 +310,29 @@ class Gate:
         """
         timeout = self.timeout
         started = self._clock()
-        ticket = await self.acquire()
+        task = native_task()
+        if self._in_use < self.capacity and not self._waiters:
+            self._in_use += 1
+            ticket = self._take(started)
+        else:
+            ticket = await self._wait_for_slot(started, None, task)
         try:
             if timeout is None:
                 value = await acquire()
+            elif task is not None:
+                # The deadline on the loop's wheel, inlined (this runs per lease).
+                wheel = wheel_of(task)
+                deadline = wheel.add(task, max(timeout - (self._clock() - started), 0.0))
+                try:
+                    value = await acquire()
+                except asyncio.CancelledError:
+                    if expired(deadline):
+                        raise DeadlineExpired from None
+                    raise
+                finally:
+                    wheel.remove(deadline)
             else:
-                left = max(timeout - (self._clock() - started), 0.0)
-                value = await bounded(acquire(), left)
+                value = await bounded(acquire(), max(timeout - (self._clock() - started), 0.0))
         except DeadlineExpired:
             self.release(ticket, record=False)
             raise ResourceBusy(self.name, timeout or 0.0) from None
