@@ -47,7 +47,7 @@ from typing import Any, NoReturn, TypeVar
 
 import anyio
 
-from .._guard import DeadlineExpired, bounded, expired, native_task, wheel_of
+from .._guard import DeadlineExpired, bounded, native_task, on_wheel
 from ..exceptions import ResourceBusy
 
 T = TypeVar("T")
@@ -319,20 +319,11 @@ class Gate:
         try:
             if timeout is None:
                 value = await acquire()
-            elif task is not None:
-                # The deadline on the loop's wheel, inlined (this runs per lease).
-                wheel = wheel_of(task)
-                deadline = wheel.add(task, max(timeout - (self._clock() - started), 0.0))
-                try:
-                    value = await acquire()
-                except asyncio.CancelledError:
-                    if expired(deadline):
-                        raise DeadlineExpired from None
-                    raise
-                finally:
-                    wheel.remove(deadline)
             else:
-                value = await bounded(acquire(), max(timeout - (self._clock() - started), 0.0))
+                left = max(timeout - (self._clock() - started), 0.0)
+                # The task found above: on the loop's wheel, else under a cancel scope.
+                bound = on_wheel(acquire(), left, task) if task else bounded(acquire(), left)
+                value = await bound
         except DeadlineExpired:
             self.release(ticket, record=False)
             raise ResourceBusy(self.name, timeout or 0.0) from None
