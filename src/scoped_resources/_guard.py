@@ -73,9 +73,9 @@ def native_task() -> asyncio.Task[Any] | None:
         return None
     if task is None or _task_states is None:
         return None
-    # WeakKeyDictionary.get(task), without its Python frame.
-    state = _task_state_data.get(_ref(task)) if _task_state_data is not None else None
-    if _task_state_data is None:
+    if _task_state_data is not None:  # WeakKeyDictionary.get(task) without its frame
+        state = _task_state_data.get(_ref(task))
+    else:
         state = _task_states.get(task)
     if state is not None and getattr(state, "cancel_scope", True) is not None:
         return None
