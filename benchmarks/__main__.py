@@ -1,9 +1,9 @@
 """``python -m benchmarks [--quick]``: every benchmark, then the README's results.
 
 Runs the HTTP benchmark (with the no-I/O ceiling), the bare-client limit, the
-micro benchmark and the memory check; writes ``benchmarks/results/latest.json``
-and the chart, and rewrites the results section of ``benchmarks/README.md``
-(unless ``--no-publish``).
+micro benchmark, the memory check and the instruction count (callgrind); writes
+``benchmarks/results/latest.json`` and the chart, and rewrites the results
+section of ``benchmarks/README.md`` (unless ``--no-publish``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import baseline, memory, micro, report, runner
+from . import baseline, instructions, memory, micro, report, runner
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     runner.add_http_arguments(parser)
     parser.add_argument("--skip", default="",
-                        help="comma-separated parts to skip: http,baseline,micro,memory")
+                        help="comma-separated parts to skip: http,baseline,micro,memory,"
+                             "instructions")
     parser.add_argument("--no-publish", action="store_true",
                         help="do not rewrite benchmarks/README.md and the chart")
     args = parser.parse_args(argv)
@@ -70,6 +71,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         growth = result["memory"]["scoped"]["growth"]
         targets.append((f"memory: scoped RSS after {points[1]:,} requests within 5% of "
                         f"after {points[0]:,}", abs(growth) <= 0.05, f"{growth * 100:+.1f}%"))
+    if "instructions" not in skip:
+        print("== instructions per request (callgrind)", flush=True)
+        result["instructions"] = instructions.run_instructions(
+            small=50 if quick else 100, large=200 if quick else 600)
+        print(instructions.table(result["instructions"]), flush=True)
+        for endpoint, counts in result["instructions"]["per_request"].items():
+            ratio = counts["scoped"] / counts["plain"]
+            targets.append((f"{endpoint}: scoped instructions/request <= plain's",
+                            ratio <= 1.0, f"{ratio:.3f}x"))
     result["targets"] = targets
     print("== targets")
     for name, met, figures in targets:

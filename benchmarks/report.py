@@ -117,7 +117,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 def results_markdown(result: dict[str, Any]) -> str:
     """The README's results section for *result*."""
-    from . import baseline, memory, micro, runner
+    from . import baseline, instructions, memory, micro, runner
 
     m, v = result["machine"], result["versions"]
     out = [
@@ -170,6 +170,22 @@ def results_markdown(result: dict[str, Any]) -> str:
         ]
     if result.get("memory"):
         out += ["### Memory", "", memory.table(result["memory"]), ""]
+    if result.get("instructions"):
+        ins = result["instructions"]["settings"]
+        out += [
+            "### Instructions per request (deterministic)",
+            "",
+            "Each app in-process through ASGI with real I/O, under `valgrind "
+            "--tool=callgrind`: instructions the server process executes per request, "
+            f"from two runs of {ins['small']} and {ins['large']} requests ({ins['concurrency']} "
+            "at a time, below the pool size), against plain in brackets. The same code "
+            "gives the same count to about 0.1% however busy the machine is; it leaves "
+            "out PostgreSQL's and Redis's own work, HTTP parsing and the network. "
+            "How and why: `benchmarks/instructions.py`.",
+            "",
+            instructions.table(result["instructions"]),
+            "",
+        ]
     out += ["### Targets", ""]
     out += [f"- {'✅' if met else '❌'} {name}: {figures}" for name, met, figures in
             result["targets"]]

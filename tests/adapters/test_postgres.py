@@ -343,6 +343,81 @@ class TestCancellation:
         assert await admin.fetchval(f"SELECT count(*) FROM {table}") == 1
 
 
+class TestRelease:
+    async def test_a_returned_connection_is_reset_for_the_next_lease(
+        self, pg_dsn: str, admin: Any, app_name: str
+    ) -> None:
+        """Settings, advisory locks and LISTENs of one lease do not reach the next."""
+        resources, pg = declare(pg_dsn, app_name, min_size=1, max_size=1)
+        async with resources.open() as app_scope:
+            async with app_scope.child() as scope:
+                conn = await scope.get(pg.connection)
+                await conn.execute("SET statement_timeout = '123s'")
+                await conn.execute("SELECT pg_advisory_lock(4242)")
+                await conn.execute("LISTEN sr_reset_test")
+                first = await conn.fetchval("SELECT pg_backend_pid()")
+            async with app_scope.child() as scope:
+                conn = await scope.get(pg.connection)
+                assert await conn.fetchval("SELECT pg_backend_pid()") == first
+                assert await conn.fetchval("SHOW statement_timeout") == "0"
+                assert await conn.fetchval("SELECT count(*) FROM pg_locks "
+                                           "WHERE locktype = 'advisory'") == 0
+                assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+
+    async def test_a_native_cancel_during_the_reset_terminates_the_connection(
+        self, pg_dsn: str, admin: Any, app_name: str
+    ) -> None:
+        """A reset interrupted by task.cancel() never lends that connection again."""
+        import asyncio
+
+        async with TcpProxy("127.0.0.1", 5432) as proxy:
+            resources, pg = declare(via(proxy, pg_dsn), app_name, min_size=1, max_size=1)
+            async with resources.open() as app_scope:
+                first: list[int] = []
+                slowed = asyncio.Event()
+
+                async def lease() -> None:
+                    async with app_scope.child() as scope:
+                        conn = await scope.get(pg.connection)
+                        await conn.execute("SET statement_timeout = '123s'")
+                        first.append(await conn.fetchval("SELECT pg_backend_pid()"))
+                        proxy.delay = 0.2  # the reset's round trip is slow
+                        slowed.set()
+
+                # A plain asyncio task (no anyio scope): the release is on the loop's
+                # deadline wheel, and task.cancel() reaches it natively.
+                task = asyncio.get_running_loop().create_task(lease())
+                await slowed.wait()
+                await asyncio.sleep(0.05)  # the reset is in flight
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                proxy.delay = 0.0
+                async with app_scope.child() as scope:
+                    conn = await scope.get(pg.connection)
+                    assert await conn.fetchval("SELECT pg_backend_pid()") != first[0]
+                    assert await conn.fetchval("SHOW statement_timeout") == "0"
+                await assert_pool_healthy(resources, pg, app_scope, admin, app_name)
+
+    async def test_without_the_direct_path_leases_go_back_through_pool_release(
+        self, pg_dsn: str, admin: Any, app_name: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An asyncpg whose private layout moved gets the public Pool.release."""
+        import scoped_resources.adapters.postgres as module
+
+        monkeypatch.setattr(module, "_can_release_direct", lambda pool: False)
+        resources, pg = declare(pg_dsn, app_name, min_size=1, max_size=1)
+        async with resources.open() as app_scope:
+            async with app_scope.child() as scope:
+                conn = await scope.get(pg.connection)
+                await conn.execute("SET statement_timeout = '123s'")
+            assert pg._direct is False
+            async with app_scope.child() as scope:
+                conn = await scope.get(pg.connection)
+                assert await conn.fetchval("SHOW statement_timeout") == "0"
+            await assert_pool_healthy(resources, pg, app_scope, admin, app_name)
+
+
 class TestTransactionOverHttp:
     @staticmethod
     def app(pg: Postgres, resources: Resources, table: str) -> FastAPI:
