@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from ._guard import DeadlineExpired, bounded
 from ._lease import HELD, Lease
@@ -27,9 +27,7 @@ async def _enter(lease: Lease, kwargs: dict[str, Any]) -> None:
         try:
             value = await gen.__anext__()
         except StopAsyncIteration:
-            raise ResourceMisuse(
-                res.name, "its generator ended without yielding", "yield the instance once"
-            ) from None
+            raise _no_yield(res) from None
         lease.exit = gen
     elif kind is Kind.CONTEXT or kind is Kind.INSTANCE:
         cm = factory(**kwargs) if kind is Kind.CONTEXT else factory
@@ -42,18 +40,29 @@ async def _enter(lease: Lease, kwargs: dict[str, Any]) -> None:
             value = await cm.__aenter__()
             lease.exit = cm
     if inspect.iscoroutine(value):
-        value.close()
-        lease.value = None
-        lease.state = HELD
-        misuse = ResourceMisuse(
-            res.name,
-            "it produced an un-awaited coroutine",
-            "add the missing 'await' where the factory makes its instance",
-        )
-        if lease.exit is not None:
-            await _release_all([lease], misuse, None)
-        raise misuse
+        await _refuse_coroutine(lease, value)
     lease.value = value
+
+
+def _no_yield(res: Any) -> ResourceMisuse:
+    return ResourceMisuse(
+        res.name, "its generator ended without yielding", "yield the instance once"
+    )
+
+
+async def _refuse_coroutine(lease: Lease, value: Any) -> NoReturn:
+    """The factory made an un-awaited coroutine: close it, release what it opened, raise."""
+    value.close()
+    lease.value = None
+    lease.state = HELD
+    misuse = ResourceMisuse(
+        lease.resource.name,
+        "it produced an un-awaited coroutine",
+        "add the missing 'await' where the factory makes its instance",
+    )
+    if lease.exit is not None:
+        await _release_all([lease], misuse, None)
+    raise misuse
 
 
 async def _enter_bounded(lease: Lease, kwargs: dict[str, Any]) -> None:

@@ -58,6 +58,22 @@ def _current_task_lookup() -> Any:
 
 
 _current_task: Callable[[], asyncio.Task[Any] | None] = _current_task_lookup()
+_get_running_loop = asyncio.get_running_loop
+
+
+def _task_of_lookup() -> Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]:
+    """The current task of a given running loop, without a Python frame where possible."""
+    import types
+
+    if isinstance(asyncio.current_task, types.BuiltinFunctionType):
+        return asyncio.current_task  # C since 3.12
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if isinstance(tasks, dict):
+        return tasks.get
+    return asyncio.current_task  # pragma: no cover - another 3.11 layout
+
+
+_task_of = _task_of_lookup()
 _ref = weakref.ref
 #: The dict under anyio's weakly keyed task states (None if that ever changes).
 _task_state_data: dict[Any, Any] | None = (
@@ -85,12 +101,17 @@ def native_task() -> asyncio.Task[Any] | None:
 class Deadline:
     """One recorded deadline: the task the wheel cancels when *at* passes."""
 
-    __slots__ = ("at", "fired", "task")
+    __slots__ = ("at", "fired", "task", "wheel")
 
-    def __init__(self, task: asyncio.Task[Any], at: float) -> None:
+    def __init__(self, task: asyncio.Task[Any], at: float, wheel: Wheel) -> None:
         self.task = task
         self.at = at
         self.fired = False
+        self.wheel = wheel
+
+    def remove(self) -> None:
+        """Withdraw it (it no longer cancels its task); idempotent."""
+        self.wheel.entries.pop(self, None)
 
 
 class Wheel:
@@ -109,7 +130,7 @@ class Wheel:
     def add(self, task: asyncio.Task[Any], timeout: float) -> Deadline:
         """Cancel *task* once *timeout* seconds have passed, unless removed before."""
         at = task.get_loop().time() + timeout
-        deadline = Deadline(task, at)
+        deadline = Deadline(task, at, self)
         self.entries[deadline] = None
         if at < self._armed_at:
             self._arm(at)
@@ -166,6 +187,37 @@ def wheel_of(task: asyncio.Task[Any]) -> Wheel:
         wheel = _wheels[loop] = Wheel(loop)
     _last = (weakref.ref(loop), wheel)
     return wheel
+
+
+def arm(timeout: float) -> Deadline | None:
+    """A deadline of *timeout* seconds for the current task, on its loop's wheel.
+
+    None when the wheel cannot be used: not on asyncio, or the task is inside an
+    anyio cancel scope (then bound the step with a cancel scope). ``native_task``,
+    ``wheel_of`` and ``Wheel.add`` in one call, for the acquire of every lease.
+    """
+    try:
+        loop = _get_running_loop()
+    except RuntimeError:  # no asyncio loop: trio
+        return None
+    task = _task_of(loop)
+    if task is None or _task_states is None:
+        return None
+    if _task_state_data is not None:
+        state = _task_state_data.get(_ref(task))
+    else:  # pragma: no cover - another anyio layout
+        state = _task_states.get(task)
+    if state is not None and getattr(state, "cancel_scope", True) is not None:
+        return None
+    cached_ref, wheel = _last
+    if wheel is None or cached_ref is None or cached_ref() is not loop:
+        wheel = wheel_of(task)
+    at = loop.time() + timeout
+    deadline = Deadline(task, at, wheel)
+    wheel.entries[deadline] = None
+    if at < wheel._armed_at:
+        wheel._arm(at)
+    return deadline
 
 
 def expired(deadline: Deadline) -> bool:

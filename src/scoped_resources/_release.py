@@ -29,6 +29,8 @@ from .exceptions import (
 
 logger = logging.getLogger("scoped_resources")
 
+_YIELDED_TWICE = "the generator yielded more than once; yield exactly once"
+
 
 async def _release_gen(gen: Any, exc: BaseException | None) -> bool:
     if exc is None:
@@ -37,7 +39,7 @@ async def _release_gen(gen: Any, exc: BaseException | None) -> bool:
         except StopAsyncIteration:
             return False
         await gen.aclose()
-        raise RuntimeError("the generator yielded more than once; yield exactly once")
+        raise RuntimeError(_YIELDED_TWICE)
     try:
         await gen.athrow(exc)
     except StopAsyncIteration:
@@ -82,26 +84,66 @@ async def _release_all(
     """Release *leases* in reverse order; never raises.
 
     On asyncio outside anyio cancel scopes, each release's deadline is on the loop's
-    deadline wheel (see ``_guard``). Otherwise all run under one shielded cancel scope whose
-    deadline is moved to each release's own. Either way a release that overruns
-    its deadline, fails, or is interrupted by a native cancel is terminated, and
-    the rest are still released.
+    deadline wheel (see ``_guard``), and the releases run in this one frame. Otherwise
+    all run under one shielded cancel scope whose deadline is moved to each release's
+    own. Either way a release that overruns its deadline, fails, or is interrupted by
+    a native cancel is terminated, and the rest are still released.
     """
-    run = _ReleaseRun(exc, observer)
-    todo = [lease for lease in reversed(leases) if lease.exit is not None]
-    for lease in leases:
+    todo: list[Lease] = []
+    for lease in reversed(leases):
         if lease.exit is None:
             lease.state = RELEASED
+        else:
+            todo.append(lease)
     if not todo:
-        return run.suppressed, run.errors, run.interrupt
+        return False, [], None
+    run = _ReleaseRun(exc, observer)
     task = native_task()
-    if task is not None:
-        await run.release_on_wheel(todo, task)
+    if task is None:
+        while run.index < len(todo):
+            with anyio.CancelScope(deadline=_deadline(todo[run.index]), shield=True) as scope:
+                await run.release_from(todo, scope)
+            with anyio.CancelScope(shield=True):
+                await run.terminate_stopped()
         return run.suppressed, run.errors, run.interrupt
-    while run.index < len(todo):
-        with anyio.CancelScope(deadline=_deadline(todo[run.index]), shield=True) as scope:
-            await run.release_from(todo, scope)
-        with anyio.CancelScope(shield=True):
+    # No anyio scope can cancel this task: each release on the loop's wheel, and a
+    # lease whose release did not end well is terminated before the next is released.
+    wheel = wheel_of(task)
+    for lease in todo:
+        lease.state = RELEASING
+        if observer is not None:
+            run.started = time.perf_counter()
+        res = lease.resource
+        timeout = res.release_timeout
+        deadline = None if timeout is None else wheel.add(task, timeout)
+        try:
+            if exc is None and res.kind is Kind.ASYNC_GEN:
+                # _release_gen inlined for the common case: one frame less per lease.
+                gen = lease.exit
+                try:
+                    await gen.__anext__()
+                except StopAsyncIteration:
+                    result = False
+                else:
+                    await gen.aclose()
+                    raise RuntimeError(_YIELDED_TWICE)
+            else:
+                result = await _release_awaitable(lease, exc)
+        except Exception as failure:  # noqa: BLE001 - gathered and raised together
+            run._failed(lease, failure)
+        except BaseException as stop:  # noqa: BLE001 - our deadline, a native cancel, or ^C
+            if deadline is not None and isinstance(stop, asyncio.CancelledError) and expired(
+                deadline
+            ):
+                run._timed_out(lease)
+            else:
+                run._interrupted(lease, stop)
+        else:
+            run._released(lease, result)
+        finally:
+            if deadline is not None:
+                wheel.remove(deadline)
+        if run.stopped is not None:
             await run.terminate_stopped()
     return run.suppressed, run.errors, run.interrupt
 
@@ -134,43 +176,6 @@ class _ReleaseRun:
         self.errors: list[Exception] = []
         self.interrupt: BaseException | None = None
         self.stopped: Lease | None = None
-
-    async def release_on_wheel(self, todo: list[Lease], task: asyncio.Task[Any]) -> None:
-        """Release *todo* in order, each deadline on the loop's wheel.
-
-        For a task no anyio scope can cancel; a lease whose release did not end
-        well is terminated before the next is released.
-        """
-        exc = self.exc
-        observer = self.observer
-        wheel = wheel_of(task)
-        for lease in todo:
-            lease.state = RELEASING
-            if observer is not None:
-                self.started = time.perf_counter()
-            timeout = lease.resource.release_timeout
-            release = _release_awaitable(lease, exc)
-            deadline = None if timeout is None else wheel.add(task, timeout)
-            try:
-                result = await release
-            except Exception as failure:  # noqa: BLE001 - gathered and raised together
-                self._failed(lease, failure)
-            except BaseException as stop:  # noqa: BLE001 - our deadline, a native cancel, or ^C
-                if (
-                    deadline is not None
-                    and isinstance(stop, asyncio.CancelledError)
-                    and expired(deadline)
-                ):
-                    self._timed_out(lease)
-                else:
-                    self._interrupted(lease, stop)
-            else:
-                self._released(lease, result)
-            finally:
-                if deadline is not None:
-                    wheel.remove(deadline)
-            if self.stopped is not None:
-                await self.terminate_stopped()
 
     async def release_from(self, todo: list[Lease], scope: anyio.CancelScope) -> None:
         """Release todo[self.index:] until one overruns or is interrupted."""

@@ -11,17 +11,18 @@ import asyncio
 import time
 import traceback
 import warnings
-from types import TracebackType
+from collections.abc import Coroutine
+from types import CoroutineType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from ._acquire import _enter, _enter_bounded, _enter_observed
-from ._guard import expired, native_task, wheel_of
+from ._acquire import _enter, _enter_bounded, _enter_observed, _no_yield, _refuse_coroutine
+from ._guard import arm, expired
 from ._lease import ACQUIRING, FAILED, HELD, Lease
 from ._plan import Recipe
 from ._release import _note, _release_all, _report
-from ._resource import Level, Resource
+from ._resource import Kind, Level, Resource
 from .exceptions import (
     ResourceBusy,
     ResourceMisuse,
@@ -185,25 +186,37 @@ class Scope:
                 kwargs[pname] = self._context_value(resource, pname, typ)
             observer = root._observer if root is not None else None
             timeout = resource.acquire_timeout
+            if timeout is not None and resource._own_deadline:
+                timeout = None
+            deadline = None if timeout is None or observer is not None else arm(timeout)
             if observer is not None:
                 await _enter_observed(lease, kwargs, observer)
-            elif timeout is None or resource._own_deadline:
-                await _enter(lease, kwargs)
-            elif (task := native_task()) is not None:
-                # The common case: on_wheel and _enter_bounded inlined, which saves two
-                # coroutine frames per acquire (micro, 10 resources: 41 us against 47 us).
-                wheel = wheel_of(task)
-                deadline = wheel.add(task, timeout)
+            elif timeout is not None and deadline is None:
+                await _enter_bounded(lease, kwargs)  # under an anyio cancel scope
+            else:
+                # The common case, flat: _enter inlined for a generator, and its deadline
+                # (if any) on the loop's wheel, in this one frame. Each coroutine frame
+                # saved here is saved per resource per request.
                 try:
-                    await _enter(lease, kwargs)
+                    if resource.kind is Kind.ASYNC_GEN:
+                        gen = resource.call(**kwargs)
+                        try:
+                            value = await gen.__anext__()
+                        except StopAsyncIteration:
+                            raise _no_yield(resource) from None
+                        lease.exit = gen
+                        if isinstance(value, CoroutineType):
+                            await _refuse_coroutine(lease, value)
+                        lease.value = value
+                    else:
+                        await _enter(lease, kwargs)
                 except asyncio.CancelledError:
-                    if expired(deadline):
-                        raise ResourceBusy(resource.name, timeout) from None
+                    if deadline is not None and expired(deadline):
+                        raise ResourceBusy(resource.name, resource.acquire_timeout or 0.0) from None
                     raise
                 finally:
-                    wheel.remove(deadline)
-            else:
-                await _enter_bounded(lease, kwargs)
+                    if deadline is not None:
+                        deadline.remove()
             if root is not None and root._debug:
                 lease.site = traceback.extract_stack(limit=12)[:-1]
         except BaseException as exc:
@@ -240,13 +253,14 @@ class Scope:
     async def __aenter__(self) -> Scope:
         return self
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
-        return await self.aclose(exc)
+    ) -> Coroutine[Any, Any, bool]:
+        # Not a coroutine of its own: ``async with`` awaits aclose's directly.
+        return self.aclose(exc)
 
     async def aclose(self, exc: BaseException | None = None) -> bool:
         """Release every instance in reverse order; idempotent.

@@ -210,14 +210,16 @@ class _Watch:
 
     No timer or task per request: the request registers with its app's
     :class:`_Sweeper`, which ticks a few times per watch period. A request still
-    running after ``watch_disconnect_after`` seconds gets a watcher task reading
-    its ``receive`` (only once the body has been read, or there is none, so it
-    never takes body messages from the endpoint); one past ``request_timeout``
-    is cancelled. asyncio only.
+    running after ``watch_disconnect_after`` seconds is watched: under uvicorn by
+    reading uvicorn's disconnect flag on each tick, elsewhere by a watcher task
+    reading its ``receive`` (only once the body has been read, or there is none,
+    so it never takes body messages from the endpoint). One past
+    ``request_timeout`` is cancelled. asyncio only.
     """
 
     __slots__ = (
         "active",
+        "cycle",
         "deadline_at",
         "fired",
         "request",
@@ -244,6 +246,8 @@ class _Watch:
         #: Why the task was cancelled: "disconnect", "deadline", or None.
         self.fired: str | None = None
         self.watcher: asyncio.Task[None] | None = None
+        #: The server's own record of the exchange, when it tells of a disconnect.
+        self.cycle: Any = None
 
     @classmethod
     def start(cls, request: Request, registry: Resources, app_scope: AppScope) -> _Watch | None:
@@ -268,10 +272,30 @@ class _Watch:
     def tick(self, now: float) -> None:
         if self.deadline_at is not None and now >= self.deadline_at:
             self._fire("deadline")
+        elif self.cycle is not None:
+            self._poll()
         elif self.watch_at is not None and now >= self.watch_at:
             self.watch_at = None
-            if _body_done(self.request):
-                self.watcher = self.task.get_loop().create_task(self._wait_for_disconnect())
+            # uvicorn marks its exchange when the client goes: read that mark on
+            # each tick (no task). Any other server: a task waits on receive().
+            self.cycle = _disconnect_flag(self.request)
+            if self.cycle is not None:
+                self._poll()
+            elif _body_done(self.request):
+                self._start_watcher()
+
+    def _poll(self) -> None:
+        cycle = self.cycle
+        if cycle.disconnected:
+            self._fire("disconnect")
+        elif cycle.flow.read_paused and _body_done(self.request):
+            # uvicorn stopped reading (a pipelined request waits behind this one), so
+            # it would not see the client go: only receive() resumes reading.
+            self.cycle = None
+            self._start_watcher()
+
+    def _start_watcher(self) -> None:
+        self.watcher = self.task.get_loop().create_task(self._wait_for_disconnect())
 
     async def _wait_for_disconnect(self) -> None:
         receive = self.request.receive
@@ -313,6 +337,26 @@ class _Sweeper:
                     except Exception:  # one request's trouble must not stop the sweeper
                         logger.exception("scoped_resources: watching a request failed")
                         self.watches.discard(watch)
+
+
+def _disconnect_flag(request: Request) -> Any:
+    """uvicorn's exchange behind *request*'s ``receive``, when it has a ``disconnected`` flag.
+
+    uvicorn (httptools and h11 alike) sets ``disconnected`` on the exchange
+    (``RequestResponseCycle``) as soon as the connection is lost, so polling it is
+    as good as waiting on ``receive()``, without a task per request, while uvicorn
+    reads the connection (``flow.read_paused`` false). A ``receive`` wrapped by
+    middleware, or another server, gives None: then a task waits.
+    """
+    cycle = getattr(request.receive, "__self__", None)
+    if cycle is None or not type(cycle).__module__.startswith("uvicorn."):
+        return None
+    flow = getattr(cycle, "flow", None)
+    if isinstance(getattr(cycle, "disconnected", None), bool) and isinstance(
+        getattr(flow, "read_paused", None), bool
+    ):
+        return cycle
+    return None
 
 
 def _body_done(request: Request) -> bool:

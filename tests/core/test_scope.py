@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -344,6 +345,47 @@ class TestMisuse:
             with pytest.raises(ResourceMisuse, match="'client'.*un-awaited coroutine"):
                 await scope.get(client)
 
+    async def test_a_generator_that_ends_without_yielding_is_reported(self) -> None:
+        """A generator that returns before its yield is an error naming the resource."""
+        resources = Resources()
+
+        @resources.request
+        async def empty() -> AsyncIterator[int]:
+            if False:  # pragma: no cover - never reached: that is the mistake
+                yield 1
+
+        async def use() -> None:
+            async with app_scope.child() as scope:
+                await scope.get(empty)
+
+        async with resources.open() as app_scope:
+            with pytest.raises(ResourceMisuse, match="'empty'.*ended without yielding"):
+                await as_a_request(use)
+
+    async def test_a_generator_yielding_a_coroutine_is_reported_and_closed(self) -> None:
+        """A generator that yields an un-awaited coroutine is refused, and still released."""
+        resources = Resources()
+        closed: list[str] = []
+
+        async def connect() -> str:
+            return "conn"
+
+        @resources.request
+        async def client() -> AsyncIterator[Any]:
+            try:
+                yield connect()  # the forgotten await
+            finally:
+                closed.append("client")
+
+        async def use() -> None:
+            async with app_scope.child() as scope:
+                await scope.get(client)
+
+        async with resources.open() as app_scope:
+            with pytest.raises(ResourceMisuse, match="'client'.*un-awaited coroutine"):
+                await as_a_request(use)
+        assert closed == ["client"]
+
     async def test_a_generator_that_yields_twice_fails_its_release(self) -> None:
         """Yielding more than once is reported at release."""
         resources = Resources()
@@ -353,10 +395,15 @@ class TestMisuse:
             yield 1
             yield 2
 
+        async def use() -> None:
+            async with app_scope.child() as scope:
+                await scope.get(twice)
+
         async with resources.open() as app_scope:
             with pytest.raises(ReleaseFailed, match="'twice'"):
-                async with app_scope.child() as scope:
-                    await scope.get(twice)
+                await use()
+            with pytest.raises(ReleaseFailed, match="'twice'"):
+                await as_a_request(use)
 
     async def test_a_generator_that_never_yields_is_reported(self) -> None:
         """A generator ending before its yield is an acquire error naming it."""
@@ -501,3 +548,18 @@ class TestFactories:
             return 42
 
         assert answer() == 42
+
+
+async def as_a_request(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run *work* as a server runs a request: on asyncio, in a task no anyio scope reaches.
+
+    That is where deadlines sit on the loop's wheel and the acquire and release
+    steps run flat; elsewhere (trio, inside the app scope's task group) they run
+    under anyio cancel scopes.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        await work()
+        return
+    await loop.create_task(work())

@@ -184,3 +184,106 @@ class TestTutorialRedisDependency:
         async with uvicorn_serving(app) as base, httpx.AsyncClient(base_url=base) as client:
             response = await client.post("/cache/k", params={"value": "v"})
         assert response.status_code == 500
+
+
+def _slow_app(released: list[str], started: anyio.Event) -> tuple[FastAPI, Resources]:
+    resources = Resources(watch_disconnect_after=0.02)
+
+    @resources.request
+    async def work() -> AsyncIterator[str]:
+        try:
+            yield "work"
+        except BaseException as exc:
+            released.append(type(exc).__name__)
+            raise
+        released.append("ok")
+
+    app = FastAPI(lifespan=resources.lifespan)
+
+    @app.get("/slow")
+    async def slow(w: Annotated[str, Use(work)]) -> str:
+        started.set()
+        await anyio.sleep(30)
+        return w
+
+    return app, resources
+
+
+def _watcher_tasks() -> list[Any]:
+    import asyncio
+
+    return [t for t in asyncio.all_tasks()
+            if getattr(t.get_coro(), "__qualname__", "").endswith("_wait_for_disconnect")]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """uvicorn runs on asyncio; the disconnect watch is asyncio only."""
+    return "asyncio"
+
+
+@asynccontextmanager
+async def raw_uvicorn(app: FastAPI, http: str) -> AsyncIterator[int]:
+    """Serve *app* with uvicorn's *http* implementation; yield its port."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+                            http=http)
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        try:
+            yield server.servers[0].sockets[0].getsockname()[1]
+        finally:
+            server.should_exit = True
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+class TestDisconnectUnderUvicorn:
+    async def test_a_client_that_goes_is_seen_without_a_watcher_task(self, http: str) -> None:
+        """uvicorn's own disconnect flag is read by the sweeper: no task per slow request."""
+        released: list[str] = []
+        started = anyio.Event()
+        app, _ = _slow_app(released, started)
+        async with raw_uvicorn(app, http) as port:
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            await stream.send(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+            with anyio.fail_after(5):
+                await started.wait()
+            await anyio.sleep(0.2)  # well past watch_disconnect_after: it is watched now
+            assert _watcher_tasks() == []
+            await stream.aclose()
+            with anyio.fail_after(5):
+                while not released:
+                    await anyio.sleep(0.01)
+        assert released == ["CancelledError"]
+
+
+_HTTPTOOLS_PIPELINE = pytest.mark.xfail(
+    strict=True,
+    reason="uvicorn's httptools protocol marks only the newest (pipelined) exchange as "
+    "disconnected, so the running one never learns, however it waits",
+)
+
+
+@pytest.mark.parametrize("http", ["h11", pytest.param("httptools", marks=_HTTPTOOLS_PIPELINE)])
+class TestDisconnectBehindAPipelinedRequest:
+    async def test_a_watcher_task_takes_over_and_sees_the_client_go(self, http: str) -> None:
+        """uvicorn stops reading while a pipelined request waits: receive() still sees the close."""
+        released: list[str] = []
+        started = anyio.Event()
+        app, _ = _slow_app(released, started)
+        async with raw_uvicorn(app, http) as port:
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            request = b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n"
+            await stream.send(request + request)
+            with anyio.fail_after(5):
+                await started.wait()
+            await anyio.sleep(0.2)
+            assert len(_watcher_tasks()) == 1
+            await stream.aclose()
+            with anyio.fail_after(3):
+                while not released:
+                    await anyio.sleep(0.01)
+        assert released[0] == "CancelledError"
