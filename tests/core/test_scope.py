@@ -345,23 +345,6 @@ class TestMisuse:
             with pytest.raises(ResourceMisuse, match="'client'.*un-awaited coroutine"):
                 await scope.get(client)
 
-    async def test_a_generator_that_ends_without_yielding_is_reported(self) -> None:
-        """A generator that returns before its yield is an error naming the resource."""
-        resources = Resources()
-
-        @resources.request
-        async def empty() -> AsyncIterator[int]:
-            if False:  # pragma: no cover - never reached: that is the mistake
-                yield 1
-
-        async def use() -> None:
-            async with app_scope.child() as scope:
-                await scope.get(empty)
-
-        async with resources.open() as app_scope:
-            with pytest.raises(ResourceMisuse, match="'empty'.*ended without yielding"):
-                await as_a_request(use)
-
     async def test_a_generator_yielding_a_coroutine_is_reported_and_closed(self) -> None:
         """A generator that yields an un-awaited coroutine is refused, and still released."""
         resources = Resources()
@@ -377,13 +360,9 @@ class TestMisuse:
             finally:
                 closed.append("client")
 
-        async def use() -> None:
-            async with app_scope.child() as scope:
-                await scope.get(client)
-
         async with resources.open() as app_scope:
             with pytest.raises(ResourceMisuse, match="'client'.*un-awaited coroutine"):
-                await as_a_request(use)
+                await as_a_request(getting(app_scope, client))
         assert closed == ["client"]
 
     async def test_a_generator_that_yields_twice_fails_its_release(self) -> None:
@@ -395,15 +374,11 @@ class TestMisuse:
             yield 1
             yield 2
 
-        async def use() -> None:
-            async with app_scope.child() as scope:
-                await scope.get(twice)
-
         async with resources.open() as app_scope:
             with pytest.raises(ReleaseFailed, match="'twice'"):
-                await use()
+                await getting(app_scope, twice)()
             with pytest.raises(ReleaseFailed, match="'twice'"):
-                await as_a_request(use)
+                await as_a_request(getting(app_scope, twice))
 
     async def test_a_generator_that_never_yields_is_reported(self) -> None:
         """A generator ending before its yield is an acquire error naming it."""
@@ -414,9 +389,11 @@ class TestMisuse:
             if False:
                 yield 1
 
-        async with resources.open() as app_scope, app_scope.child() as scope:
+        async with resources.open() as app_scope:
             with pytest.raises(ResourceMisuse, match="'empty'.*without yielding"):
-                await scope.get(empty)
+                await getting(app_scope, empty)()
+            with pytest.raises(ResourceMisuse, match="'empty'.*without yielding"):
+                await as_a_request(getting(app_scope, empty))
 
     async def test_a_closed_scope_refuses_to_hand_out_resources(self) -> None:
         """Using a scope after it closed raises ScopeClosed naming the resource."""
@@ -563,3 +540,13 @@ async def as_a_request(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         await work()
         return
     await loop.create_task(work())
+
+
+def getting(app_scope: Any, resource: Any) -> Callable[[], Coroutine[Any, Any, None]]:
+    """A request of one child scope asking for *resource*."""
+
+    async def use() -> None:
+        async with app_scope.child() as scope:
+            await scope.get(resource)
+
+    return use

@@ -21,20 +21,27 @@ pytestmark = pytest.mark.anyio
 
 
 @asynccontextmanager
-async def uvicorn_serving(app: FastAPI) -> AsyncIterator[str]:
-    """Serve *app* with uvicorn on a free 127.0.0.1 port; yield its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+async def uvicorn_port(app: FastAPI, http: str = "auto") -> AsyncIterator[int]:
+    """Serve *app* with uvicorn (its *http* implementation) on a free 127.0.0.1 port."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+                            http=http)
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         with anyio.fail_after(10):
             while not server.started:
                 await anyio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
         try:
-            yield f"http://127.0.0.1:{port}"
+            yield server.servers[0].sockets[0].getsockname()[1]
         finally:
             server.should_exit = True
+
+
+@asynccontextmanager
+async def uvicorn_serving(app: FastAPI) -> AsyncIterator[str]:
+    """Serve *app* with uvicorn on a free 127.0.0.1 port; yield its base URL."""
+    async with uvicorn_port(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -222,41 +229,34 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@asynccontextmanager
-async def raw_uvicorn(app: FastAPI, http: str) -> AsyncIterator[int]:
-    """Serve *app* with uvicorn's *http* implementation; yield its port."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                            http=http)
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:
+_SLOW_REQUEST = b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+async def abandon_a_slow_request(http: str, payload: bytes) -> tuple[int, list[str]]:
+    """Send *payload* to uvicorn, go away once it is watched: (watcher tasks then, releases)."""
+    released: list[str] = []
+    started = anyio.Event()
+    app, _ = _slow_app(released, started)
+    async with uvicorn_port(app, http) as port:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        await stream.send(payload)
+        with anyio.fail_after(5):
+            await started.wait()
+        await anyio.sleep(0.2)  # well past watch_disconnect_after: it is watched now
+        watchers = len(_watcher_tasks())
+        await stream.aclose()
+        with anyio.fail_after(3):
+            while not released:
                 await anyio.sleep(0.01)
-        try:
-            yield server.servers[0].sockets[0].getsockname()[1]
-        finally:
-            server.should_exit = True
+    return watchers, released
 
 
 @pytest.mark.parametrize("http", ["httptools", "h11"])
 class TestDisconnectUnderUvicorn:
     async def test_a_client_that_goes_is_seen_without_a_watcher_task(self, http: str) -> None:
         """uvicorn's own disconnect flag is read by the sweeper: no task per slow request."""
-        released: list[str] = []
-        started = anyio.Event()
-        app, _ = _slow_app(released, started)
-        async with raw_uvicorn(app, http) as port:
-            stream = await anyio.connect_tcp("127.0.0.1", port)
-            await stream.send(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
-            with anyio.fail_after(5):
-                await started.wait()
-            await anyio.sleep(0.2)  # well past watch_disconnect_after: it is watched now
-            assert _watcher_tasks() == []
-            await stream.aclose()
-            with anyio.fail_after(5):
-                while not released:
-                    await anyio.sleep(0.01)
+        watchers, released = await abandon_a_slow_request(http, _SLOW_REQUEST)
+        assert watchers == 0
         assert released == ["CancelledError"]
 
 
@@ -271,19 +271,6 @@ _HTTPTOOLS_PIPELINE = pytest.mark.xfail(
 class TestDisconnectBehindAPipelinedRequest:
     async def test_a_watcher_task_takes_over_and_sees_the_client_go(self, http: str) -> None:
         """uvicorn stops reading while a pipelined request waits: receive() still sees the close."""
-        released: list[str] = []
-        started = anyio.Event()
-        app, _ = _slow_app(released, started)
-        async with raw_uvicorn(app, http) as port:
-            stream = await anyio.connect_tcp("127.0.0.1", port)
-            request = b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n"
-            await stream.send(request + request)
-            with anyio.fail_after(5):
-                await started.wait()
-            await anyio.sleep(0.2)
-            assert len(_watcher_tasks()) == 1
-            await stream.aclose()
-            with anyio.fail_after(3):
-                while not released:
-                    await anyio.sleep(0.01)
+        watchers, released = await abandon_a_slow_request(http, _SLOW_REQUEST * 2)
+        assert watchers == 1
         assert released[0] == "CancelledError"
