@@ -136,9 +136,6 @@ class Wheel:
             self._arm(at)
         return deadline
 
-    def remove(self, deadline: Deadline) -> None:
-        self.entries.pop(deadline, None)
-
     def _arm(self, at: float) -> None:
         loop = self._loop()
         if loop is None:  # pragma: no cover - a loop is alive while its tasks run
@@ -237,7 +234,7 @@ async def on_wheel(awaitable: Awaitable[T], timeout: float, task: asyncio.Task[A
             raise DeadlineExpired from None
         raise
     finally:
-        wheel.remove(deadline)
+        deadline.remove()
 
 
 def bounded(awaitable: Awaitable[T], timeout: float) -> Awaitable[T]:

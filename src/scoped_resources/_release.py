@@ -142,7 +142,7 @@ async def _release_all(
             run._released(lease, result)
         finally:
             if deadline is not None:
-                wheel.remove(deadline)
+                deadline.remove()
         if run.stopped is not None:
             await run.terminate_stopped()
     return run.suppressed, run.errors, run.interrupt
