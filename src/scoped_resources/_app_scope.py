@@ -10,6 +10,7 @@ import logging
 import math
 import time
 import traceback
+import warnings
 import weakref
 from typing import Any
 
@@ -91,6 +92,20 @@ class AppScope(Scope):
         self._tg: Any = None
         self._slots: dict[Resource[Any], _Slot] = {}
         self._failed: _Slot | None = None
+
+    def __del__(self) -> None:
+        # An open child scope is kept by its app scope (in _children) until it closes,
+        # so it can only be garbage-collected together with it: the app scope warns
+        # for itself and for each of them, and a request scope needs no finalizer.
+        for scope in (self, *self._children):
+            if scope._state != CLOSED and scope._leases:
+                names = ", ".join(repr(lease.resource.name) for lease in scope._leases)
+                warnings.warn(
+                    f"scope {scope.name!r} was garbage-collected with resources still open "
+                    f"({names}); close it with 'async with' or 'await scope.aclose()'",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
 
     @property
     def inflight(self) -> int:

@@ -22,7 +22,7 @@ import asyncio
 import math
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -39,25 +39,6 @@ class DeadlineExpired(Exception):
     """Raised when the guarded awaitable was cancelled by its own deadline."""
 
 
-def _current_task_lookup() -> Any:
-    """``asyncio.current_task`` without its Python frame where it has one (3.11)."""
-    import types
-
-    if isinstance(asyncio.current_task, types.BuiltinFunctionType):
-        return asyncio.current_task  # C since 3.12
-    tasks = getattr(asyncio.tasks, "_current_tasks", None)
-    if not isinstance(tasks, dict):  # pragma: no cover - another 3.11 layout
-        return asyncio.current_task
-    get_running_loop = asyncio.get_running_loop
-    by_loop = tasks.get
-
-    def current_task() -> asyncio.Task[Any] | None:
-        return by_loop(get_running_loop())
-
-    return current_task
-
-
-_current_task: Callable[[], asyncio.Task[Any] | None] = _current_task_lookup()
 _get_running_loop = asyncio.get_running_loop
 
 
@@ -84,7 +65,7 @@ _task_state_data: dict[Any, Any] | None = (
 def native_task() -> asyncio.Task[Any] | None:
     """The current asyncio task when no anyio cancel scope can reach it, else None."""
     try:
-        task = _current_task()
+        task = _task_of(_get_running_loop())
     except RuntimeError:  # no asyncio loop: trio
         return None
     if task is None or _task_states is None:
@@ -96,6 +77,18 @@ def native_task() -> asyncio.Task[Any] | None:
     if state is not None and getattr(state, "cancel_scope", True) is not None:
         return None
     return task
+
+
+class Timed(Protocol):
+    """What the wheel keeps: the task it cancels once *at* passes, and whether it did.
+
+    A :class:`Deadline` is one; so is a lease (``_lease.Lease``), which is its own
+    record while its acquire or release runs, so that a step allocates nothing.
+    """
+
+    at: float
+    task: asyncio.Task[Any]
+    fired: bool
 
 
 class Deadline:
@@ -123,7 +116,7 @@ class Wheel:
         # Weakly: the table of wheels is keyed weakly by loop, and a value that
         # referred to its key would keep every closed loop alive.
         self._loop = weakref.ref(loop)
-        self.entries: dict[Deadline, None] = {}
+        self.entries: dict[Timed, None] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = math.inf
 
@@ -135,6 +128,19 @@ class Wheel:
         if at < self._armed_at:
             self._arm(at)
         return deadline
+
+    def put(self, record: Timed, task: asyncio.Task[Any], at: float) -> None:
+        """Cancel *task* at loop time *at*, with *record* as the entry (no allocation).
+
+        Take it off with ``entries.pop(record, None)``; ``expired(record)`` tells
+        whether it fired.
+        """
+        record.task = task
+        record.at = at
+        record.fired = False
+        self.entries[record] = None
+        if at < self._armed_at:
+            self._arm(at)
 
     def _arm(self, at: float) -> None:
         loop = self._loop()
@@ -153,7 +159,7 @@ class Wheel:
             return
         now = loop.time()
         earliest = math.inf
-        expired: list[Deadline] = []
+        expired: list[Timed] = []
         for deadline in self.entries:
             if deadline.at <= now:
                 expired.append(deadline)
@@ -186,12 +192,25 @@ def wheel_of(task: asyncio.Task[Any]) -> Wheel:
     return wheel
 
 
-def arm(timeout: float) -> Deadline | None:
-    """A deadline of *timeout* seconds for the current task, on its loop's wheel.
+def native_wheel() -> tuple[asyncio.Task[Any], Wheel] | None:
+    """``native_task()`` and its loop's wheel in one call (a release run's first step)."""
+    task = native_task()
+    if task is None:
+        return None
+    cached_ref, wheel = _last
+    if wheel is None or cached_ref is None or cached_ref() is not task.get_loop():
+        wheel = wheel_of(task)
+    return task, wheel
 
-    None when the wheel cannot be used: not on asyncio, or the task is inside an
+
+def arm(record: Timed, timeout: float) -> Wheel | None:
+    """Put *record* on the current task's wheel, to fire in *timeout* seconds.
+
+    Returns the wheel (take the record off with ``wheel.entries.pop(record, None)``),
+    or None when the wheel cannot be used: not on asyncio, or the task is inside an
     anyio cancel scope (then bound the step with a cancel scope). ``native_task``,
-    ``wheel_of`` and ``Wheel.add`` in one call, for the acquire of every lease.
+    ``wheel_of`` and ``Wheel.add`` in one call and with no allocation, for the
+    acquire of every lease (the lease is the record).
     """
     try:
         loop = _get_running_loop()
@@ -210,17 +229,18 @@ def arm(timeout: float) -> Deadline | None:
     cached_ref, wheel = _last
     if wheel is None or cached_ref is None or cached_ref() is not loop:
         wheel = wheel_of(task)
-    at = loop.time() + timeout
-    deadline = Deadline(task, at, wheel)
-    wheel.entries[deadline] = None
+    record.task = task
+    record.at = at = loop.time() + timeout
+    record.fired = False
+    wheel.entries[record] = None
     if at < wheel._armed_at:
         wheel._arm(at)
-    return deadline
+    return wheel
 
 
-def expired(deadline: Deadline) -> bool:
-    """After a CancelledError: True when *deadline* caused it (and it is now withdrawn)."""
-    return deadline.fired and deadline.task.uncancel() == 0
+def expired(record: Timed) -> bool:
+    """After a CancelledError: True when *record*'s deadline caused it (now withdrawn)."""
+    return record.fired and record.task.uncancel() == 0
 
 
 async def on_wheel(awaitable: Awaitable[T], timeout: float, task: asyncio.Task[Any]) -> T:

@@ -6,6 +6,7 @@ its release ran past the deadline, ``failed`` when acquiring it failed).
 
 from __future__ import annotations
 
+import asyncio
 import traceback
 from typing import Any
 
@@ -21,7 +22,25 @@ _LEASE_STATES = ("acquiring", "held", "releasing", "released", "terminated", "fa
 class Lease:
     """One live instance of a resource in a scope."""
 
-    __slots__ = ("acquired_at", "error", "exit", "resource", "site", "state", "value", "waiters")
+    __slots__ = (
+        "acquired_at",
+        "at",
+        "error",
+        "exit",
+        "fired",
+        "resource",
+        "site",
+        "state",
+        "task",
+        "value",
+        "waiters",
+    )
+
+    # Set while its acquire or release is on the loop's deadline wheel: the lease is
+    # the wheel's record of that step (see ``_guard.Timed``), so a step allocates none.
+    at: float
+    task: asyncio.Task[Any]
+    fired: bool
 
     def __init__(self, resource: Resource[Any]) -> None:
         self.resource = resource

@@ -12,13 +12,13 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
 
 from ._failures import log_failure
-from ._guard import expired, native_task, wheel_of
+from ._guard import expired, native_wheel
 from ._lease import FAILED, RELEASED, RELEASING, TERMINATED, Lease
 from ._observe import Observer
 from ._resource import Kind, Resource
@@ -80,7 +80,7 @@ async def _terminate(lease: Lease) -> bool:
 
 async def _release_all(
     leases: list[Lease], exc: BaseException | None, observer: Observer | None
-) -> tuple[bool, list[Exception], BaseException | None]:
+) -> tuple[bool, Sequence[Exception], BaseException | None]:
     """Release *leases* in reverse order; never raises.
 
     On asyncio outside anyio cancel scopes, each release's deadline is on the loop's
@@ -89,37 +89,31 @@ async def _release_all(
     own. Either way a release that overruns its deadline, fails, or is interrupted by
     a native cancel is terminated, and the rest are still released.
     """
-    todo: list[Lease] = []
-    for lease in reversed(leases):
-        if lease.exit is None:
-            lease.state = RELEASED
-        else:
-            todo.append(lease)
-    if not todo:
-        return False, [], None
-    run = _ReleaseRun(exc, observer)
-    task = native_task()
-    if task is None:
-        while run.index < len(todo):
-            with anyio.CancelScope(deadline=_deadline(todo[run.index]), shield=True) as scope:
-                await run.release_from(todo, scope)
-            with anyio.CancelScope(shield=True):
-                await run.terminate_stopped()
-        return run.suppressed, run.errors, run.interrupt
+    native = native_wheel()
+    if native is None:
+        return await _release_in_cancel_scopes(leases, exc, observer)
+    task, wheel = native
     # No anyio scope can cancel this task: each release on the loop's wheel, and a
     # lease whose release did not end well is terminated before the next is released.
-    wheel = wheel_of(task)
-    for lease in todo:
+    # The run's bookkeeping is made only when something needs it (an observer, an
+    # error, a suppression): a clean release of every lease allocates nothing.
+    run = _ReleaseRun(exc, observer) if observer is not None else None
+    now = task.get_loop().time
+    for lease in reversed(leases):
+        gen = lease.exit
+        if gen is None:
+            lease.state = RELEASED
+            continue
         lease.state = RELEASING
-        if observer is not None:
+        if run is not None:
             run.started = time.perf_counter()
         res = lease.resource
         timeout = res.release_timeout
-        deadline = None if timeout is None else wheel.add(task, timeout)
+        if timeout is not None:
+            wheel.put(lease, task, now() + timeout)  # the lease is the wheel's record
         try:
             if exc is None and res.kind is Kind.ASYNC_GEN:
                 # _release_gen inlined for the common case: one frame less per lease.
-                gen = lease.exit
                 try:
                     await gen.__anext__()
                 except StopAsyncIteration:
@@ -130,20 +124,49 @@ async def _release_all(
             else:
                 result = await _release_awaitable(lease, exc)
         except Exception as failure:  # noqa: BLE001 - gathered and raised together
+            run = run or _ReleaseRun(exc, observer)
             run._failed(lease, failure)
         except BaseException as stop:  # noqa: BLE001 - our deadline, a native cancel, or ^C
-            if deadline is not None and isinstance(stop, asyncio.CancelledError) and expired(
-                deadline
-            ):
+            run = run or _ReleaseRun(exc, observer)
+            if timeout is not None and isinstance(stop, asyncio.CancelledError) and expired(lease):
                 run._timed_out(lease)
             else:
                 run._interrupted(lease, stop)
         else:
-            run._released(lease, result)
+            if run is None and not result:
+                lease.state = RELEASED
+            else:
+                run = run or _ReleaseRun(exc, observer)
+                run._released(lease, result)
         finally:
-            if deadline is not None:
-                deadline.remove()
-        if run.stopped is not None:
+            if timeout is not None:
+                wheel.entries.pop(lease, None)
+        if run is not None and run.stopped is not None:
+            await run.terminate_stopped()
+    if run is None:
+        return _CLEAN
+    return run.suppressed, run.errors, run.interrupt
+
+
+#: What a release run that needed no bookkeeping returns.
+_CLEAN: tuple[bool, Sequence[Exception], None] = (False, (), None)
+
+
+async def _release_in_cancel_scopes(
+    leases: list[Lease], exc: BaseException | None, observer: Observer | None
+) -> tuple[bool, Sequence[Exception], BaseException | None]:
+    """_release_all's way under anyio: one shielded cancel scope per stretch of releases."""
+    todo: list[Lease] = []
+    for lease in reversed(leases):
+        if lease.exit is None:
+            lease.state = RELEASED
+        else:
+            todo.append(lease)
+    run = _ReleaseRun(exc, observer)
+    while run.index < len(todo):
+        with anyio.CancelScope(deadline=_deadline(todo[run.index]), shield=True) as scope:
+            await run.release_from(todo, scope)
+        with anyio.CancelScope(shield=True):
             await run.terminate_stopped()
     return run.suppressed, run.errors, run.interrupt
 
@@ -274,7 +297,7 @@ def _report(
     scope: str,
     exc: BaseException | None,
     suppressed: bool,
-    errors: list[Exception],
+    errors: Sequence[Exception],
     interrupt: BaseException | None,
 ) -> bool:
     for err in errors:
@@ -287,7 +310,7 @@ def _report(
             names = ", ".join(repr(getattr(e, "__scoped_resource__", "?")) for e in errors)
             _note(exc, f"releasing {names} also failed (logged by 'scoped_resources')")
             return False
-        raise ReleaseFailed(scope, errors)
+        raise ReleaseFailed(scope, list(errors))
     return suppressed
 
 

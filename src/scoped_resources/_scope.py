@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-import warnings
 from collections.abc import Coroutine
 from types import CoroutineType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,6 +36,11 @@ T = TypeVar("T")
 # Scope states.
 OPEN, CLOSING, CLOSED = range(3)
 _SCOPE_STATES = ("open", "closing", "closed")
+
+
+async def _held(value: T) -> T:
+    """The instance a scope already holds, as an awaitable (what ``Scope.get`` hands back)."""
+    return value
 
 
 class Scope:
@@ -103,34 +107,29 @@ class Scope:
             scope = scope.parent
         return f"scope {self.name!r}"
 
-    def __del__(self) -> None:
-        if self._state != CLOSED and self._leases:
-            names = ", ".join(repr(lease.resource.name) for lease in self._leases)
-            warnings.warn(
-                f"scope {self.name!r} was garbage-collected with resources still open "
-                f"({names}); close it with 'async with' or 'await scope.aclose()'",
-                ResourceWarning,
-                stacklevel=1,
-            )
-
     # -- getting ------------------------------------------------------------------
 
-    async def get(self, resource: Resource[T]) -> T:
-        """Return this scope's instance of *resource*, acquiring it on first use."""
+    def get(self, resource: Resource[T]) -> Coroutine[Any, Any, T]:
+        """This scope's instance of *resource*, acquiring it on first use: ``await`` it.
+
+        Not a coroutine function of its own: it hands back the coroutine that does
+        the work (acquiring, or giving the instance held), one frame less per get.
+        """
         if resource._override is not None:
             resource = resource._override
         lease = self._cache.get(resource)
         if lease is not None:
             if lease.state == HELD:
-                return lease.value  # type: ignore[no-any-return]
+                return _held(lease.value)
         elif resource.level is self.level and self._state == OPEN:
             # This scope's own kind of resource, not held yet: acquire it here.
-            return await self._acquire(resource)  # type: ignore[no-any-return]
-        return await self._get_slow(resource, lease)
+            return self._acquire(resource)
+        return self._get_slow(resource, lease)
 
     def child(self, name: str = "scope", context: dict[type, Any] | None = None) -> Scope:
         """A nested scope whose request resources are its own and released with it."""
-        self._check_open(None)
+        if self._state != OPEN:
+            raise ScopeClosed(self.name, self.state)
         assert self._root is not None
         return self._root._child(name, Level.REQUEST, self, context)
 
@@ -154,7 +153,7 @@ class Scope:
                     "which outlives requests",
                     "ask a request scope for it (resources.scope() or app_scope.child())",
                 )
-            return await self._acquire(resource)  # type: ignore[no-any-return]
+            return await self._acquire(resource)
         if lease.state == ACQUIRING:
             # Another task is acquiring it: share its result.
             if lease.waiters is None:
@@ -166,7 +165,7 @@ class Scope:
                 raise lease.error
         raise ScopeClosed(self.name, f"holding {resource.name!r} {lease.state_name}")
 
-    async def _acquire(self, resource: Resource[Any]) -> Any:
+    async def _acquire(self, resource: Resource[T]) -> T:
         lease = Lease(resource)
         self._cache[resource] = lease
         try:
@@ -188,15 +187,15 @@ class Scope:
             timeout = resource.acquire_timeout
             if timeout is not None and resource._own_deadline:
                 timeout = None
-            deadline = None if timeout is None or observer is not None else arm(timeout)
+            wheel = None if timeout is None or observer is not None else arm(lease, timeout)
             if observer is not None:
                 await _enter_observed(lease, kwargs, observer)
-            elif timeout is not None and deadline is None:
+            elif timeout is not None and wheel is None:
                 await _enter_bounded(lease, kwargs)  # under an anyio cancel scope
             else:
                 # The common case, flat: _enter inlined for a generator, and its deadline
-                # (if any) on the loop's wheel, in this one frame. Each coroutine frame
-                # saved here is saved per resource per request.
+                # (if any) on the loop's wheel with the lease as its record, in this one
+                # frame. Each coroutine frame saved here is saved per resource per request.
                 try:
                     if resource.kind is Kind.ASYNC_GEN:
                         gen = resource.call(**kwargs)
@@ -211,12 +210,12 @@ class Scope:
                     else:
                         await _enter(lease, kwargs)
                 except asyncio.CancelledError:
-                    if deadline is not None and expired(deadline):
+                    if wheel is not None and expired(lease):
                         raise ResourceBusy(resource.name, resource.acquire_timeout or 0.0) from None
                     raise
                 finally:
-                    if deadline is not None:
-                        deadline.remove()
+                    if wheel is not None:
+                        wheel.entries.pop(lease, None)
             if root is not None and root._debug:
                 lease.site = traceback.extract_stack(limit=12)[:-1]
         except BaseException as exc:
@@ -234,7 +233,7 @@ class Scope:
         self._leases.append(lease)
         if lease.waiters is not None:
             lease.waiters.set()
-        return lease.value
+        return lease.value  # type: ignore[no-any-return]
 
     def _context_value(self, resource: Resource[Any], pname: str, typ: type) -> Any:
         scope: Scope | None = self
@@ -243,10 +242,6 @@ class Scope:
                 return scope._context[typ]
             scope = scope.parent
         raise ScopeClosed(self.name, f"without a {typ.__qualname__} for {resource.name!r}.{pname}")
-
-    def _check_open(self, resource: Resource[Any] | None) -> None:
-        if self._state != OPEN:
-            raise ScopeClosed(self.name, self.state, resource.name if resource else None)
 
     # -- closing ------------------------------------------------------------------
 
@@ -274,6 +269,8 @@ class Scope:
             return False
         self._state = CLOSING
         try:
+            if not self._leases:
+                return False
             observer = self._root._observer if self._root is not None else None
             suppressed, errors, interrupt = await _release_all(self._leases, exc, observer)
         finally:
@@ -284,4 +281,6 @@ class Scope:
             self._context = None
             if self._root is not None:
                 self._root._child_closed(self)
+        if not errors and interrupt is None:
+            return suppressed
         return _report(self.name, exc, suppressed, errors, interrupt)

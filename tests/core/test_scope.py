@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -12,7 +13,7 @@ from typing import Annotated, Any
 import anyio
 import pytest
 
-from scoped_resources import Resources, Use
+from scoped_resources import AppScope, Resources, Use
 from scoped_resources.exceptions import (
     ReleaseFailed,
     ReleaseTimeout,
@@ -421,7 +422,11 @@ class TestMisuse:
         assert caught.value.waited == 0.02
 
     async def test_a_collected_open_scope_warns(self) -> None:
-        """A scope garbage-collected with instances open emits a ResourceWarning."""
+        """A scope garbage-collected with instances open emits a ResourceWarning.
+
+        Its app scope keeps an open scope until it closes, so the two can only be
+        collected together: here an app scope dropped while a request is open.
+        """
         resources = Resources()
 
         class Leaky:
@@ -432,13 +437,24 @@ class TestMisuse:
                 return None
 
         leaky = resources.request(Leaky)
-        async with resources.open() as app_scope:
-            scope = app_scope.child("forgotten")
-            await scope.get(leaky)
-            app_scope._children.discard(scope)
-            with pytest.warns(ResourceWarning, match="'forgotten'.*'Leaky'"):
-                del scope
-                gc.collect()
+        app_scope = AppScope("app", resources.plan(), None)
+        scope = app_scope.child("forgotten")
+        await scope.get(leaky)
+        with pytest.warns(ResourceWarning, match="'forgotten'.*'Leaky'"):
+            del scope, app_scope
+            gc.collect()
+
+    async def test_a_closed_scope_is_collected_without_a_warning(self) -> None:
+        """Closed scopes, and their app scope, leave nothing to warn about."""
+        resources = Resources()
+        value = generator_resource(resources, Journal(), "value")
+        app_scope = AppScope("app", resources.plan(), None)
+        async with app_scope, app_scope.child("tidy") as scope:
+            await scope.get(value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            del scope, app_scope
+            gc.collect()
 
 
 class TestFactories:
