@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from redis.asyncio.client import Pipeline, PubSub
 
 from scoped_resources import Resources, Use
-from scoped_resources.adapters.redis import Redis, UnexecutedPipelineError
+from scoped_resources.adapters.redis import BusyAwarePool, Redis, UnexecutedPipelineError
 from scoped_resources.exceptions import ReleaseFailed, ResourceBusy
 from scoped_resources.testing import TcpProxy
 
@@ -319,3 +319,77 @@ class TestConnectionCut:
                 assert int(lost.headers["retry-after"]) >= 1
                 proxy.restore()
                 assert (await http.put("/k")).json() is True
+
+
+class TestDirectLending:
+    """Behind its gate the pool lends as redis-py's does, without its lock, event and metrics."""
+
+    async def test_a_plain_pool_lends_directly_and_takes_every_connection_back(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Concurrent commands on a small pool all succeed, and every connection comes back."""
+        resources = Resources("t")
+        cache = Redis(resources, redis_url, max_connections=3)
+        async with resources.open() as app_scope:
+            client = await app_scope.get(cache.client)
+            pool = client.connection_pool
+            assert isinstance(pool, BusyAwarePool)
+            assert pool._direct
+
+            async def one(i: int) -> None:
+                await client.set(f"{prefix}{i}", i)
+                assert await client.get(f"{prefix}{i}") == str(i).encode()
+
+            async with anyio.create_task_group() as tg:
+                for i in range(30):
+                    tg.start_soon(one, i)
+            assert len(pool._in_use_connections) == 0
+            assert 1 <= len(pool._available_connections) <= 3
+
+    async def test_a_connection_marked_for_reconnect_is_disconnected_when_given_back(
+        self, redis_url: str
+    ) -> None:
+        """A connection the server asked to move is closed on release, then lent fresh."""
+        resources = Resources("t")
+        cache = Redis(resources, redis_url, max_connections=1)
+        async with resources.open() as app_scope:
+            client = await app_scope.get(cache.client)
+            pool = client.connection_pool
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            conn.mark_for_reconnect()
+            await pool.release(conn)
+            assert not conn.is_connected
+            assert await client.ping()
+
+    async def test_a_failed_connect_gives_the_slot_back(self, redis_url: str) -> None:
+        """A lend whose connect fails returns the connection and its slot to the pool."""
+        parts = urlsplit(redis_url)
+        async with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+            resources = Resources("t")
+            cache = Redis(
+                resources, f"redis://127.0.0.1:{proxy.port}/0", max_connections=1,
+                socket_timeout=1.0,
+            )
+            async with resources.open() as app_scope:
+                client = await app_scope.get(cache.client)
+                pool = client.connection_pool
+                await client.connection_pool.disconnect()
+                proxy.cut()
+                with pytest.raises(redis.exceptions.ConnectionError):
+                    await client.ping()
+                assert len(pool._in_use_connections) == 0
+                proxy.restore()
+                with anyio.fail_after(5):
+                    assert await client.ping()
+
+    async def test_a_credential_provider_keeps_the_pools_own_path(self, redis_url: str) -> None:
+        """With a credential provider (it may re-authenticate on release) the pool's methods run."""
+        resources = Resources("t")
+        provider = redis.credentials.UsernamePasswordCredentialProvider()
+        cache = Redis(resources, redis_url, credential_provider=provider)
+        async with resources.open() as app_scope:
+            client = await app_scope.get(cache.client)
+            assert isinstance(client.connection_pool, BusyAwarePool)
+            assert not client.connection_pool._direct
+            assert await client.ping()
+            assert len(client.connection_pool._in_use_connections) == 0

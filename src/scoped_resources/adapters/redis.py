@@ -82,6 +82,34 @@ class BusyAwarePool(BlockingConnectionPool):
     #: Set when the owning client closed: connections are no longer lent, and any
     #: connection handed back late (by a lease outliving shutdown) is disconnected.
     closed: bool = False
+    #: Lend and take back connections directly (see :meth:`_can_lend_directly`).
+    _direct: bool = False
+
+    def _can_lend_directly(self) -> bool:
+        """Whether connections can be lent without redis-py's pool lock, event and metrics.
+
+        Behind the gate a lend never waits for the pool, and the pool's lock guards
+        only steps that do not await. What else the pool does per command is for
+        features this pool does not use: re-authenticating with a streaming
+        credential provider (on the release event) and redis-py's OpenTelemetry
+        pool metrics. So with neither configured when the client opens, and the
+        pool's lists laid out as expected, a lend is ``get_available_connection``
+        plus ``ensure_connection`` (the same health check), and a release puts the
+        connection back as the pool would. Otherwise the pool's own methods run.
+        """
+        try:
+            from redis.asyncio.observability.recorder import _get_or_create_collector
+        except ImportError:  # pragma: no cover - a redis-py without pool metrics
+            metrics = None
+        else:
+            metrics = _get_or_create_collector()
+        return (
+            self.gate is not None
+            and self.connection_kwargs.get("credential_provider") is None
+            and metrics is None
+            and isinstance(getattr(self, "_available_connections", None), list)
+            and hasattr(getattr(self, "_in_use_connections", None), "remove")
+        )
 
     async def get_connection(
         self, command_name: Any = None, *keys: Any, **options: Any
@@ -101,7 +129,10 @@ class BusyAwarePool(BlockingConnectionPool):
                 # The gate lent a slot, so a connection is free or may be made: take it
                 # as the plain pool does, without the blocking pool's condition and
                 # timeout (a loop timer per command) around a wait that cannot happen.
-                conn = cast(Connection, await ConnectionPool.get_connection(self))  # type: ignore[no-untyped-call]
+                conn = await self._lend() if self._direct else cast(
+                    Connection,
+                    await ConnectionPool.get_connection(self),  # type: ignore[no-untyped-call]
+                )
         except BaseException as exc:
             if gate is not None and ticket is not None:
                 gate.release(ticket, record=False)
@@ -114,12 +145,30 @@ class BusyAwarePool(BlockingConnectionPool):
             self.__dict__.setdefault("_tickets", {})[id(conn)] = ticket
         return conn
 
+    async def _lend(self) -> Connection:
+        conn = cast(Connection, self.get_available_connection())  # type: ignore[no-untyped-call]
+        try:
+            await self.ensure_connection(conn)
+        except BaseException:
+            await self._take_back(conn)
+            raise
+        return conn
+
+    async def _take_back(self, conn: Connection) -> None:
+        if conn.should_reconnect():  # type: ignore[no-untyped-call]
+            await conn.disconnect()
+        # No await between the two: no other lend sees the connection in neither list.
+        self._in_use_connections.remove(conn)
+        self._available_connections.append(conn)
+
     async def release(self, connection: Connection) -> None:  # type: ignore[override]
         try:
             if self.closed:
                 await connection.disconnect()
             if self.gate is None:
                 await super().release(connection)
+            elif self._direct:
+                await self._take_back(connection)
             else:
                 # Nobody waits on the blocking pool's condition: the gate's waiters do.
                 await ConnectionPool.release(self, connection)
@@ -234,6 +283,7 @@ class Redis:
         )
         pool.resource_name = self.name
         pool.gate = self.gate
+        pool._direct = pool._can_lend_directly()
         client = redis.asyncio.Redis.from_pool(pool)  # the client owns (and closes) the pool
         try:
             yield client
