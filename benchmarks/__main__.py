@@ -80,6 +80,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             ratio = counts["scoped"] / counts["plain"]
             targets.append((f"{endpoint}: scoped instructions/request <= plain's",
                             ratio <= 1.0, f"{ratio:.3f}x"))
+        print("== micro, instructions per request (callgrind)", flush=True)
+        result["micro_instructions"] = instructions.run_micro_instructions(
+            small=500 if quick else 1000, large=2000 if quick else 6000)
+        print(instructions.micro_table(result["micro_instructions"]), flush=True)
+        for n, counts in result["micro_instructions"]["per_request"].items():
+            ratio = counts["scoped"] / counts["exitstack"]
+            bound = micro.bound(int(n))
+            targets.append((f"micro, {n} resource(s): scoped instructions <= {bound}x "
+                            "AsyncExitStack's", ratio <= bound, f"{ratio:.2f}x"))
     result["targets"] = targets
     print("== targets")
     for name, met, figures in targets:

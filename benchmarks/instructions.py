@@ -39,6 +39,7 @@ from typing import Any
 
 APPS = ("scoped", "plain", "fastapi_fn", "dishka_di")
 ENDPOINTS = ("users", "combo", "cache", "items")
+MICRO_SIZES = (1, 3, 10)
 WARMUP = 100
 VALGRIND_INSTALL = "apt-get install -y valgrind"
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,20 +66,76 @@ def _child(app: str, endpoint: str, requests: int, concurrency: int) -> None:
     uvloop.run(main())
 
 
-def _count(app: str, endpoint: str, requests: int, concurrency: int) -> int:
-    """Instructions the whole child process executed."""
+def _micro_child(variant: str, n: int, loops: int) -> None:
+    """Run inside valgrind: *loops* micro requests of *variant* with *n* resources."""
+    import uvloop
+
+    from .micro import Config, exitstack_request, scoped_registry, scoped_request
+
+    async def main() -> None:
+        resources, made = scoped_registry(n)
+        async with resources.open() as app_scope:
+            one = (scoped_request(app_scope, made) if variant == "scoped"
+                   else exitstack_request(Config(), n))
+
+            async def run() -> None:
+                for _ in range(loops):
+                    await one()
+
+            # In a task of its own, as micro.py times it and as a server runs requests.
+            await asyncio.ensure_future(run())
+
+    uvloop.run(main())
+
+
+def _count(*child: str) -> int:
+    """Instructions the whole child process (``--child`` or ``--micro-child``) executed."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit(f"valgrind is not installed ({VALGRIND_INSTALL})")
     cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-           "-m", "benchmarks.instructions", "--child", app, endpoint, str(requests),
-           str(concurrency)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+           "-m", "benchmarks.instructions", *child]
+    # A fixed hash seed: dict and set layouts, and so the count, do not vary by run.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"}
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     match = re.search(r"Collected\s*:\s*(\d+)", run.stderr)
     if run.returncode != 0 or match is None:
-        raise RuntimeError(f"{app} {endpoint}: the counted run failed:\n{run.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(child)}: the counted run failed:\n{run.stderr[-2000:]}")
     return int(match.group(1))
+
+
+def run_micro_instructions(
+    sizes: Sequence[int] = MICRO_SIZES, *, small: int = 1000, large: int = 6000,
+    jobs: int | None = None,
+) -> dict[str, Any]:
+    """Instructions per micro request (:mod:`benchmarks.micro`'s, without I/O), per size.
+
+    ``scoped`` (a child scope and *n* resources) and ``exitstack`` (a bare
+    ``AsyncExitStack`` entering *n* ``@asynccontextmanager`` generators), counted as
+    the endpoints are: two runs, of *small* and *large* requests.
+    """
+    runs = [(variant, n, loops) for n in sizes for variant in ("scoped", "exitstack")
+            for loops in (small, large)]
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        counts = list(pool.map(lambda r: _count("--micro-child", r[0], str(r[1]), str(r[2])),
+                               runs))
+    total = dict(zip(runs, counts, strict=True))
+    per_request = {
+        str(n): {variant: (total[(variant, n, large)] - total[(variant, n, small)])
+                 / (large - small) for variant in ("scoped", "exitstack")}
+        for n in sizes
+    }
+    return {"settings": {"small": small, "large": large}, "per_request": per_request}
+
+
+def micro_table(result: dict[str, Any]) -> str:
+    lines = ["| resources | scoped | AsyncExitStack | scoped / ExitStack |",
+             "|---:|---:|---:|---:|"]
+    for n, counts in result["per_request"].items():
+        scoped, stack = counts["scoped"], counts["exitstack"]
+        lines.append(f"| {n} | {scoped / 1000:,.1f}k | {stack / 1000:,.1f}k | "
+                     f"{scoped / stack:.2f}x |")
+    return "\n".join(lines)
 
 
 def run_instructions(
@@ -96,7 +153,8 @@ def run_instructions(
     asyncio.run(setup(reset=True))
     runs = [(app, endpoint, n) for endpoint in endpoints for app in apps for n in (small, large)]
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        counts = list(pool.map(lambda r: _count(r[0], r[1], r[2], concurrency), runs))
+        counts = list(pool.map(
+            lambda r: _count("--child", r[0], r[1], str(r[2]), str(concurrency)), runs))
     asyncio.run(setup(reset=True))
     total = dict(zip(runs, counts, strict=True))
     per_request: dict[str, dict[str, float]] = {endpoint: {} for endpoint in endpoints}
@@ -131,12 +189,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--apps", default=",".join(APPS))
     parser.add_argument("--endpoints", default=",".join(ENDPOINTS))
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--micro", action="store_true",
+                        help="count the micro benchmark's requests instead of the endpoints'")
     parser.add_argument("--child", nargs=4, metavar=("APP", "ENDPOINT", "N", "CONCURRENCY"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--micro-child", nargs=3, metavar=("VARIANT", "SIZE", "N"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         app, endpoint, n, concurrency = args.child
         _child(app, endpoint, int(n), int(concurrency))
+        return
+    if args.micro_child:
+        variant, size, n = args.micro_child
+        _micro_child(variant, int(size), int(n))
+        return
+    if args.micro:
+        print("instructions per micro request:")
+        print(micro_table(run_micro_instructions()))
         return
     result = run_instructions(args.apps.split(","), args.endpoints.split(","),
                               concurrency=args.concurrency)

@@ -186,6 +186,19 @@ def results_markdown(result: dict[str, Any]) -> str:
             instructions.table(result["instructions"]),
             "",
         ]
+    if result.get("micro_instructions"):
+        mi = result["micro_instructions"]["settings"]
+        out += [
+            "### Micro, in instructions (deterministic)",
+            "",
+            "The micro benchmark's requests (no I/O) under callgrind: instructions per "
+            f"request from two runs of {mi['small']:,} and {mi['large']:,} requests. The "
+            "timed micro figures above move by tens of percent between runs on this "
+            "shared machine; these do not.",
+            "",
+            instructions.micro_table(result["micro_instructions"]),
+            "",
+        ]
     out += ["### Targets", ""]
     out += [f"- {'✅' if met else '❌'} {name}: {figures}" for name, met, figures in
             result["targets"]]

@@ -47,3 +47,19 @@ async def test_app_answers_its_contract(
                 assert r.json() == {"ok": True}
             else:
                 await check_contract(client, name)
+
+
+@pytest.mark.parametrize("variant", ["scoped", "exitstack"])
+def test_the_counted_micro_request_runs_as_the_timed_one_does(variant: str) -> None:
+    """The process callgrind counts for the micro benchmark runs its requests to the end."""
+    from benchmarks.instructions import _micro_child
+
+    _micro_child(variant, 3, 20)  # uvloop.run of its own: no running loop here
+
+
+def test_the_micro_instruction_table_gives_the_ratio_to_the_exit_stack() -> None:
+    """Each size's row shows both counts and scoped's ratio to the bare AsyncExitStack."""
+    from benchmarks.instructions import micro_table
+
+    table = micro_table({"per_request": {"1": {"scoped": 46_000.0, "exitstack": 30_000.0}}})
+    assert table.splitlines()[-1] == "| 1 | 46.0k | 30.0k | 1.53x |"
