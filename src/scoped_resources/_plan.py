@@ -39,6 +39,14 @@ class Plan:
     #: Whether any resource is held until the response is sent (needs an outer scope).
     has_response_level: bool = False
 
+    def dependents(self, resource: Resource[Any]) -> tuple[Resource[Any], ...]:
+        """The resources whose factories take *resource* directly."""
+        return tuple(
+            res
+            for res in self.resources
+            if res._compiled is not None and any(dep is resource for _, dep in res._compiled.deps)
+        )
+
 
 def marker_resource(obj: object) -> Resource[Any] | None:
     """The resource a parameter marker (``Use(r)`` or ``r`` itself) names, if any."""

@@ -418,6 +418,100 @@ class TestRelease:
             await assert_pool_healthy(resources, pg, app_scope, admin, app_name)
 
 
+class TestCommitWithReset:
+    """A transaction's COMMIT carries the pool's reset when nothing else can use the connection."""
+
+    @staticmethod
+    async def queries_of(app_scope: Any, pg: Postgres) -> list[str]:
+        """Every query the pool's one connection runs from now on (asyncpg's query logger)."""
+        pool = await app_scope.get(pg.pool)
+        logged: list[str] = []
+        async with pool.acquire() as conn:
+            conn._con.add_query_logger(lambda record: logged.append(record.query))
+        logged.clear()  # the release's own reset
+        return logged
+
+    async def test_commit_and_reset_go_in_one_round_trip(
+        self, pg_dsn: str, app_name: str, table: str
+    ) -> None:
+        """The COMMIT is sent with the reset query; the connection's release sends nothing."""
+        resources, pg = declare(pg_dsn, app_name, min_size=1, max_size=1)
+        async with resources.open() as app_scope:
+            logged = await self.queries_of(app_scope, pg)
+            async with app_scope.child() as scope:
+                conn = await scope.get(pg.transaction)
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            await anyio.sleep(0.05)  # asyncpg calls query loggers soon, not at once
+            assert logged[-1].startswith("COMMIT;\n")
+            assert "RESET ALL" in logged[-1]
+            assert [q for q in logged if "RESET ALL" in q] == [logged[-1]]
+
+    async def test_the_next_lease_finds_the_connection_reset(
+        self, pg_dsn: str, app_name: str, table: str
+    ) -> None:
+        """Settings and advisory locks taken in the transaction do not reach the next lease."""
+        resources, pg = declare(pg_dsn, app_name, min_size=1, max_size=1)
+        async with resources.open() as app_scope:
+            async with app_scope.child() as scope:
+                conn = await scope.get(pg.transaction)
+                await conn.execute("SET statement_timeout = '123s'")
+                await conn.execute("SELECT pg_advisory_lock(4243)")
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            for _ in range(2):  # and the lease after it: the reset query came back
+                async with app_scope.child() as scope:
+                    conn = await scope.get(pg.connection)
+                    assert await conn.fetchval("SHOW statement_timeout") == "0"
+                    assert await conn.fetchval("SELECT count(*) FROM pg_locks "
+                                               "WHERE locktype = 'advisory'") == 0
+                    await conn.execute("SET statement_timeout = '7s'")
+            async with app_scope.child() as scope:
+                conn = await scope.get(pg.connection)
+                assert await conn.fetchval("SHOW statement_timeout") == "0"
+                assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 1
+
+    async def test_a_failed_commit_is_reported_and_the_connection_still_reset(
+        self, pg_dsn: str, app_name: str, table: str
+    ) -> None:
+        """A COMMIT refused by a deferred constraint fails the scope; the next lease is clean."""
+        resources, pg = declare(pg_dsn, app_name, min_size=1, max_size=1)
+        async with resources.open() as app_scope:
+            with pytest.raises(ReleaseFailed) as caught:
+                async with app_scope.child() as scope:
+                    conn = await scope.get(pg.transaction)
+                    await conn.execute("SET statement_timeout = '123s'")
+                    await conn.execute(f"INSERT INTO {table} VALUES (1), (1)")
+            assert isinstance(caught.value.exceptions[0], asyncpg.UniqueViolationError)
+            async with app_scope.child() as scope:
+                conn = await scope.get(pg.connection)
+                assert await conn.fetchval("SHOW statement_timeout") == "0"
+                assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
+
+    async def test_another_user_of_the_connection_keeps_the_separate_reset(
+        self, pg_dsn: str, app_name: str, table: str
+    ) -> None:
+        """When another resource takes the connection, it could use it after the COMMIT."""
+        resources, pg = declare(pg_dsn, app_name, min_size=1, max_size=1)
+
+        @resources.request
+        async def audit(conn: Annotated[Any, Use(pg.connection)]) -> AsyncIterator[None]:
+            yield
+            await conn.execute("SET statement_timeout = '9s'")  # after the COMMIT
+
+        async with resources.open() as app_scope:
+            logged = await self.queries_of(app_scope, pg)
+            async with app_scope.child() as scope:
+                await scope.get(audit)
+                conn = await scope.get(pg.transaction)
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            await anyio.sleep(0.05)  # asyncpg calls query loggers soon, not at once
+            assert "COMMIT;" in logged
+            assert logged[-1] != "COMMIT;"
+            assert "RESET ALL" in logged[-1]
+            async with app_scope.child() as scope:
+                conn = await scope.get(pg.connection)
+                assert await conn.fetchval("SHOW statement_timeout") == "0"
+
+
 class TestTransactionOverHttp:
     @staticmethod
     def app(pg: Postgres, resources: Resources, table: str) -> FastAPI:

@@ -18,7 +18,8 @@ resource                           guarantee
 ``pg.transaction`` (request)       the request's connection inside a transaction: COMMIT before
                                    the response (a failing COMMIT is HTTP 500), ROLLBACK on any
                                    exception or cancellation; nested ``conn.transaction()`` blocks
-                                   are savepoints
+                                   are savepoints; when no other resource takes the connection,
+                                   the COMMIT carries the pool's reset (one round trip, not two)
 every one                          errors name the resource; the DSN password never appears in
                                    reprs, messages or logs; a release that overruns its deadline
                                    terminates the connection, so the pool never lends a dirty one
@@ -87,6 +88,9 @@ class Postgres:
         self._secrets = _secrets(dsn, connect_kwargs.get("password"))
         #: Whether leases go back through the pool's holders directly (see _release_direct).
         self._direct = False
+        #: Whether a transaction's COMMIT carries its connection's reset (see _commit_and_reset).
+        self._fused = False
+        self._resources = resources
         #: Admission to the pool: arrival order, and a refusal at once when the wait
         #: cannot end within the acquire deadline (``shed=False``: deadline only).
         self.gate = Gate(f"{name}.connection", max_size, timeout=acquire_timeout, shed=shed)
@@ -139,6 +143,8 @@ class Postgres:
             conn: Annotated[Any, Use(self.connection)],
         ) -> AsyncIterator[Any]:
             tx = conn.transaction()
+            # Not when a test overrides the connection: its release would not know.
+            fused = self._fused and self.connection._override is None
             try:
                 await tx.start()
             except BaseException:
@@ -158,7 +164,10 @@ class Postgres:
                 await tx.rollback()
                 raise
             try:
-                await tx.commit()
+                if fused:
+                    await _commit_and_reset(conn, tx)
+                else:
+                    await tx.commit()
             except Exception as exc:
                 _mark_if_closed(conn, exc)
                 raise
@@ -186,6 +195,15 @@ class Postgres:
         except Exception as exc:  # noqa: BLE001 - re-raised without secrets
             raise self._scrubbed(exc) from None
         self._direct = _can_release_direct(pool)
+        # Sound only when nothing can use the connection between the transaction's
+        # release and its own: scopes release in reverse order, so that takes a
+        # resource acquired after the connection and before the transaction, and
+        # only a resource that takes the connection itself could use it then.
+        self._fused = (
+            self._direct
+            and _can_fuse()
+            and self._resources.plan().dependents(self.connection) == (self.transaction,)
+        )
         try:
             yield pool
         finally:
@@ -238,14 +256,52 @@ async def _release_direct(conn: Any) -> None:
     asyncpg shields each release in a new task so that a cancelled caller still
     returns the connection. The core already shields releases (and terminates the
     connection if a release is interrupted anyway), so the lease is handed to its
-    holder directly: the same reset, one task and two loop steps fewer.
+    holder directly: the same reset, one task and two loop steps fewer. After a
+    transaction's COMMIT carried the reset (:func:`_commit_and_reset` leaves the
+    connection's reset query empty), the holder's release sends no query; the
+    reset query is recomputed for the next lease.
     """
     raw = conn._con
     if raw is None:  # already released
         return
     raw._on_release()
     holder = conn._holder
-    await holder.release(holder._timeout)
+    if raw._reset_query != "":
+        await holder.release(holder._timeout)
+        return
+    try:
+        await holder.release(holder._timeout)
+    finally:
+        raw._reset_query = None  # asyncpg computes it again from the server's caps
+
+
+def _can_fuse() -> bool:
+    """Whether this asyncpg has what :func:`_commit_and_reset` relies on."""
+    import asyncpg
+
+    return (
+        callable(getattr(asyncpg.Connection, "get_reset_query", None))
+        and "_reset_query" in getattr(asyncpg.Connection, "__slots__", ())
+        and "_top_xact" in getattr(asyncpg.Connection, "__slots__", ())
+    )
+
+
+async def _commit_and_reset(conn: Any, tx: Any) -> None:
+    """COMMIT and the pool's reset in one round trip: ``COMMIT;`` then the reset query.
+
+    What asyncpg's own reset does with ``ROLLBACK;``. In one simple query the
+    statements after COMMIT run only if it succeeds: a failed COMMIT raises here,
+    as ``tx.commit()`` would, and the connection's release resets it as usual.
+    After success the connection's cached reset query is left empty, so that its
+    release (next: nothing else takes the connection, see ``Postgres._fused``)
+    sends nothing; that release restores it.
+    """
+    raw = conn._con
+    reset = raw.get_reset_query()
+    if raw._top_xact is tx:
+        raw._top_xact = None
+    await raw.execute(f"COMMIT;\n{reset}" if reset else "COMMIT;")
+    raw._reset_query = ""
 
 
 def _mark_if_closed(conn: Any, exc: BaseException) -> None:
