@@ -57,11 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         result["micro"] = micro.run_micro(loops=500 if quick else 2000,
                                           repeats=3 if quick else 7)
         print(micro.table(result["micro"]), flush=True)
-        for n, r in result["micro"]["ratios"].items():
-            ratio = r["scoped_vs_exitstack"]
-            bound = micro.bound(int(n))
-            targets.append((f"micro, {n} resource(s): scoped <= {bound}x AsyncExitStack",
-                            ratio <= bound, f"{ratio:.2f}x"))
+        targets += _micro_targets({n: r["scoped_vs_exitstack"]
+                                   for n, r in result["micro"]["ratios"].items()}, "")
     if "memory" not in skip:
         print("== memory", flush=True)
         points = (2_000, 20_000) if quick else (10_000, 100_000)
@@ -84,11 +81,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         result["micro_instructions"] = instructions.run_micro_instructions(
             small=500 if quick else 1000, large=2000 if quick else 6000)
         print(instructions.micro_table(result["micro_instructions"]), flush=True)
-        for n, counts in result["micro_instructions"]["per_request"].items():
-            ratio = counts["scoped"] / counts["exitstack"]
-            bound = micro.bound(int(n))
-            targets.append((f"micro, {n} resource(s): scoped instructions <= {bound}x "
-                            "AsyncExitStack's", ratio <= bound, f"{ratio:.2f}x"))
+        targets += _micro_targets({n: c["scoped"] / c["exitstack"] for n, c in
+                                   result["micro_instructions"]["per_request"].items()},
+                                  " instructions")
     result["targets"] = targets
     print("== targets")
     for name, met, figures in targets:
@@ -98,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.no_publish:
         report.publish(result)
         print(f"wrote {report.README} and {report.RESULTS / 'requests_per_s.png'}")
+
+
+def _micro_targets(ratios: dict[str, float], what: str) -> list[tuple[str, bool, str]]:
+    """The micro bounds, for each size's ratio of scoped to a bare AsyncExitStack."""
+    return [(f"micro, {n} resource(s): scoped{what} <= {micro.bound(int(n))}x AsyncExitStack",
+             ratio <= micro.bound(int(n)), f"{ratio:.2f}x") for n, ratio in ratios.items()]
 
 
 if __name__ == "__main__":

@@ -169,12 +169,11 @@ def results_markdown(result: dict[str, Any]) -> str:
             "",
         ]
     if result.get("memory"):
-        out += ["### Memory", "", memory.table(result["memory"]), ""]
+        out += _section("Memory", None, memory.table(result["memory"]))
     if result.get("instructions"):
         ins = result["instructions"]["settings"]
-        out += [
-            "### Instructions per request (deterministic)",
-            "",
+        out += _section(
+            "Instructions per request (deterministic)",
             "Each app in-process through ASGI with real I/O, under `valgrind "
             "--tool=callgrind`: instructions the server process executes per request, "
             f"from two runs of {ins['small']} and {ins['large']} requests ({ins['concurrency']} "
@@ -182,27 +181,27 @@ def results_markdown(result: dict[str, Any]) -> str:
             "gives the same count to about 0.1% however busy the machine is; it leaves "
             "out PostgreSQL's and Redis's own work, HTTP parsing and the network. "
             "How and why: `benchmarks/instructions.py`.",
-            "",
             instructions.table(result["instructions"]),
-            "",
-        ]
+        )
     if result.get("micro_instructions"):
         mi = result["micro_instructions"]["settings"]
-        out += [
-            "### Micro, in instructions (deterministic)",
-            "",
+        out += _section(
+            "Micro, in instructions (deterministic)",
             "The micro benchmark's requests (no I/O) under callgrind: instructions per "
             f"request from two runs of {mi['small']:,} and {mi['large']:,} requests. The "
             "timed micro figures above move by tens of percent between runs on this "
             "shared machine; these do not.",
-            "",
             instructions.micro_table(result["micro_instructions"]),
-            "",
-        ]
+        )
     out += ["### Targets", ""]
     out += [f"- {'✅' if met else '❌'} {name}: {figures}" for name, met, figures in
             result["targets"]]
     return "\n".join(out)
+
+
+def _section(title: str, text: str | None, table: str) -> list[str]:
+    """A results subsection: its heading, what it measures (if said), its table."""
+    return [f"### {title}", "", *([text, ""] if text else []), table, ""]
 
 
 def publish(result: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -321,6 +321,17 @@ class TestConnectionCut:
                 assert (await http.put("/k")).json() is True
 
 
+@asynccontextmanager
+async def _direct_client(
+    url: str, size: int, **options: Any
+) -> AsyncIterator[redis.asyncio.Redis]:
+    """An open app client of a Redis adapter with a pool of *size*."""
+    resources = Resources("t")
+    cache = Redis(resources, url, max_connections=size, **options)
+    async with resources.open() as app_scope:
+        yield await app_scope.get(cache.client)
+
+
 class TestDirectLending:
     """Behind its gate the pool lends as redis-py's does, without its lock, event and metrics."""
 
@@ -328,10 +339,7 @@ class TestDirectLending:
         self, redis_url: str, prefix: str
     ) -> None:
         """Concurrent commands on a small pool all succeed, and every connection comes back."""
-        resources = Resources("t")
-        cache = Redis(resources, redis_url, max_connections=3)
-        async with resources.open() as app_scope:
-            client = await app_scope.get(cache.client)
+        async with _direct_client(redis_url, 3) as client:
             pool = client.connection_pool
             assert isinstance(pool, BusyAwarePool)
             assert pool._direct
@@ -350,10 +358,7 @@ class TestDirectLending:
         self, redis_url: str
     ) -> None:
         """A connection the server asked to move is closed on release, then lent fresh."""
-        resources = Resources("t")
-        cache = Redis(resources, redis_url, max_connections=1)
-        async with resources.open() as app_scope:
-            client = await app_scope.get(cache.client)
+        async with _direct_client(redis_url, 1) as client:
             pool = client.connection_pool
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             conn.mark_for_reconnect()
@@ -365,13 +370,8 @@ class TestDirectLending:
         """A lend whose connect fails returns the connection and its slot to the pool."""
         parts = urlsplit(redis_url)
         async with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
-            resources = Resources("t")
-            cache = Redis(
-                resources, f"redis://127.0.0.1:{proxy.port}/0", max_connections=1,
-                socket_timeout=1.0,
-            )
-            async with resources.open() as app_scope:
-                client = await app_scope.get(cache.client)
+            url = f"redis://127.0.0.1:{proxy.port}/0"
+            async with _direct_client(url, 1, socket_timeout=1.0) as client:
                 pool = client.connection_pool
                 await client.connection_pool.disconnect()
                 proxy.cut()
@@ -384,11 +384,8 @@ class TestDirectLending:
 
     async def test_a_credential_provider_keeps_the_pools_own_path(self, redis_url: str) -> None:
         """With a credential provider (it may re-authenticate on release) the pool's methods run."""
-        resources = Resources("t")
         provider = redis.credentials.UsernamePasswordCredentialProvider()
-        cache = Redis(resources, redis_url, credential_provider=provider)
-        async with resources.open() as app_scope:
-            client = await app_scope.get(cache.client)
+        async with _direct_client(redis_url, 10, credential_provider=provider) as client:
             assert isinstance(client.connection_pool, BusyAwarePool)
             assert not client.connection_pool._direct
             assert await client.ping()
