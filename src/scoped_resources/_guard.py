@@ -124,9 +124,7 @@ class Wheel:
         """Cancel *task* once *timeout* seconds have passed, unless removed before."""
         at = task.get_loop().time() + timeout
         deadline = Deadline(task, at, self)
-        self.entries[deadline] = None
-        if at < self._armed_at:
-            self._arm(at)
+        self.put(deadline, task, at)
         return deadline
 
     def put(self, record: Timed, task: asyncio.Task[Any], at: float) -> None:
@@ -197,6 +195,8 @@ def native_wheel() -> tuple[asyncio.Task[Any], Wheel] | None:
     task = native_task()
     if task is None:
         return None
+    # wheel_of's cache, inlined (a call less per release run: 0.6k of the 48.6k
+    # instructions of a one-resource request).
     cached_ref, wheel = _last
     if wheel is None or cached_ref is None or cached_ref() is not task.get_loop():
         wheel = wheel_of(task)
@@ -226,7 +226,7 @@ def arm(record: Timed, timeout: float) -> Wheel | None:
         state = _task_states.get(task)
     if state is not None and getattr(state, "cancel_scope", True) is not None:
         return None
-    cached_ref, wheel = _last
+    cached_ref, wheel = _last  # wheel_of's cache and Wheel.put, inlined: once per lease
     if wheel is None or cached_ref is None or cached_ref() is not loop:
         wheel = wheel_of(task)
     record.task = task

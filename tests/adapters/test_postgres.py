@@ -364,10 +364,14 @@ class TestRelease:
                                            "WHERE locktype = 'advisory'") == 0
                 assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
 
+    @pytest.mark.parametrize("kind", ["connection", "transaction"])
     async def test_a_native_cancel_during_the_reset_terminates_the_connection(
-        self, pg_dsn: str, admin: Any, app_name: str
+        self, pg_dsn: str, admin: Any, app_name: str, kind: str
     ) -> None:
-        """A reset interrupted by task.cancel() never lends that connection again."""
+        """A reset interrupted by task.cancel() never lends that connection again.
+
+        For a transaction the reset goes with its COMMIT: that round trip is the one cut.
+        """
         import asyncio
 
         async with TcpProxy("127.0.0.1", 5432) as proxy:
@@ -378,7 +382,7 @@ class TestRelease:
 
                 async def lease() -> None:
                     async with app_scope.child() as scope:
-                        conn = await scope.get(pg.connection)
+                        conn = await scope.get(getattr(pg, kind))
                         await conn.execute("SET statement_timeout = '123s'")
                         first.append(await conn.fetchval("SELECT pg_backend_pid()"))
                         proxy.delay = 0.2  # the reset's round trip is slow

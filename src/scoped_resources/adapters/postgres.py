@@ -266,13 +266,12 @@ async def _release_direct(conn: Any) -> None:
         return
     raw._on_release()
     holder = conn._holder
-    if raw._reset_query != "":
-        await holder.release(holder._timeout)
-        return
+    reset_done = raw._reset_query == ""
     try:
         await holder.release(holder._timeout)
     finally:
-        raw._reset_query = None  # asyncpg computes it again from the server's caps
+        if reset_done:
+            raw._reset_query = None  # asyncpg computes it again from the server's caps
 
 
 def _can_fuse() -> bool:
