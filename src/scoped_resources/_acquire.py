@@ -10,7 +10,7 @@ from ._guard import DeadlineExpired, bounded
 from ._lease import HELD, Lease
 from ._observe import Observer
 from ._release import _release_all
-from ._resource import Kind
+from ._resource import ASYNC_FN, ASYNC_GEN, CONTEXT, INSTANCE
 from .exceptions import (
     ResourceBusy,
     ResourceMisuse,
@@ -22,19 +22,19 @@ async def _enter(lease: Lease, kwargs: dict[str, Any]) -> None:
     res = lease.resource
     kind = res.kind
     factory = res.call
-    if kind is Kind.ASYNC_GEN:
+    if kind is ASYNC_GEN:
         gen = factory(**kwargs)
         try:
-            value = await gen.__anext__()
+            value = await anext(gen)
         except StopAsyncIteration:
             raise _no_yield(res) from None
         lease.exit = gen
-    elif kind is Kind.CONTEXT or kind is Kind.INSTANCE:
-        cm = factory(**kwargs) if kind is Kind.CONTEXT else factory
+    elif kind is CONTEXT or kind is INSTANCE:
+        cm = factory(**kwargs) if kind is CONTEXT else factory
         value = await cm.__aenter__()
         lease.exit = cm
     else:
-        value = await factory(**kwargs) if kind is Kind.ASYNC_FN else factory(**kwargs)
+        value = await factory(**kwargs) if kind is ASYNC_FN else factory(**kwargs)
         if hasattr(value, "__aenter__") and hasattr(value, "__aexit__"):
             cm = value
             value = await cm.__aenter__()

@@ -25,7 +25,6 @@ from ._release import _deadline, _release_all, _ReleaseRun, _report
 from ._resource import Level, Resource
 from ._scope import CLOSED, CLOSING, OPEN, Scope
 from .exceptions import (
-    ScopeClosed,
     StartupFailed,
 )
 
@@ -63,6 +62,7 @@ class AppScope(Scope):
         "_slots",
         "_sweeper",
         "_tg",
+        "_watched",
         "_watcher",
     )
 
@@ -76,17 +76,19 @@ class AppScope(Scope):
         debug: bool = False,
         leak_after: float | None = None,
     ) -> None:
+        # Before Scope.__init__: a child scope registers with its app scope's children.
+        self._children: set[Scope] = set()
         super().__init__(name, Level.APP, None, {AppScope: self})
         self._observer = observer
         self._debug = debug
+        #: Whether an acquire has more to do than acquire: tell an observer, keep its site.
+        self._watched = observer is not None or debug
         self._leak_after = leak_after
         self._reported: dict[int, Lease] = {}
         self._watcher: anyio.CancelScope | None = None
         #: The FastAPI integration's request sweeper, while the app serves.
         self._sweeper: Any = None
-        self._root = self
         self._plan = plan
-        self._children: set[Scope] = set()
         self._drained: anyio.Event | None = None
         self._drain_timeout = drain_timeout
         self._tg: Any = None
@@ -116,20 +118,6 @@ class AppScope(Scope):
     def open_scopes(self) -> tuple[Scope, ...]:
         """The child scopes (requests, jobs) open now, for leak reports."""
         return tuple(self._children)
-
-    def _child(
-        self, name: str, level: Level, parent: Scope, context: dict[type, Any] | None
-    ) -> Scope:
-        if self._state != OPEN:
-            raise ScopeClosed(self.name, self.state)
-        scope = Scope(name, level, parent, context)
-        self._children.add(scope)
-        return scope
-
-    def _child_closed(self, scope: Scope) -> None:
-        self._children.discard(scope)
-        if not self._children and self._drained is not None:
-            self._drained.set()
 
     async def __aenter__(self) -> AppScope:
         self._tg = anyio.create_task_group()

@@ -14,6 +14,9 @@ Two ways, chosen per call (releases use the same two, with a shield, in ``_relea
   to tasks inside one of its cancel scopes, and a native ``task.cancel()`` is not
   stopped by any shield. Whether the task is inside an anyio scope is read from
   anyio's task states; if that private table ever moves, the anyio path is used.
+  A scope looks that up once (:func:`native_hold`) and keeps what it found; each
+  later step only checks that it runs in the same task, still outside anyio
+  scopes (:func:`holds`).
 """
 
 from __future__ import annotations
@@ -190,52 +193,48 @@ def wheel_of(task: asyncio.Task[Any]) -> Wheel:
     return wheel
 
 
-def native_wheel() -> tuple[asyncio.Task[Any], Wheel] | None:
-    """``native_task()`` and its loop's wheel in one call (a release run's first step)."""
-    task = native_task()
-    if task is None:
-        return None
-    # wheel_of's cache, inlined (a call less per release run: 0.6k of the 48.6k
-    # instructions of a one-resource request).
-    cached_ref, wheel = _last
-    if wheel is None or cached_ref is None or cached_ref() is not task.get_loop():
-        wheel = wheel_of(task)
-    return task, wheel
+#: A task's hold on its loop's wheel: the task, the wheel, the loop, and a weak
+#: reference to the task (anyio's key for it). See :func:`native_hold`.
+Hold = tuple[asyncio.Task[Any], Wheel, asyncio.AbstractEventLoop, "weakref.ref[Any]"]
 
 
-def arm(record: Timed, timeout: float) -> Wheel | None:
-    """Put *record* on the current task's wheel, to fire in *timeout* seconds.
+def native_hold() -> Hold | None:
+    """The current task's hold on its loop's wheel, or None where it cannot be used.
 
-    Returns the wheel (take the record off with ``wheel.entries.pop(record, None)``),
-    or None when the wheel cannot be used: not on asyncio, or the task is inside an
-    anyio cancel scope (then bound the step with a cancel scope). ``native_task``,
-    ``wheel_of`` and ``Wheel.add`` in one call and with no allocation, for the
-    acquire of every lease (the lease is the record).
+    None when not on asyncio, or when the task is inside an anyio cancel scope (bound
+    the step with a cancel scope then). A scope keeps the hold its first step found
+    and checks it again per step with :func:`holds`, which looks up no loop, makes
+    no weak reference and consults no cache of wheels.
     """
     try:
         loop = _get_running_loop()
     except RuntimeError:  # no asyncio loop: trio
         return None
     task = _task_of(loop)
-    if task is None or _task_states is None:
+    if task is None or _task_state_data is None:
         return None
-    # native_task's check, inlined: a call less per acquire is what this function is for.
-    if _task_state_data is not None:
-        state = _task_state_data.get(_ref(task))
-    else:  # pragma: no cover - another anyio layout
-        state = _task_states.get(task)
+    tref = _ref(task)
+    state = _task_state_data.get(tref)
     if state is not None and getattr(state, "cancel_scope", True) is not None:
         return None
-    cached_ref, wheel = _last  # wheel_of's cache and Wheel.put, inlined: once per lease
+    # wheel_of's one-entry cache, inlined: this runs once per scope.
+    cached_ref, wheel = _last
     if wheel is None or cached_ref is None or cached_ref() is not loop:
         wheel = wheel_of(task)
-    record.task = task
-    record.at = at = loop.time() + timeout
-    record.fired = False
-    wheel.entries[record] = None
-    if at < wheel._armed_at:
-        wheel._arm(at)
-    return wheel
+    return task, wheel, loop, tref
+
+
+def holds(hold: Hold) -> bool:
+    """Whether *hold* is still good: its task is the current one, in no anyio cancel scope.
+
+    The step that asks may run in another task than the one that found the hold
+    (a scope shared by a task group), or inside a cancel scope entered since.
+    """
+    task, _, loop, tref = hold
+    if _task_of(loop) is not task:
+        return False
+    state = _task_state_data.get(tref)  # type: ignore[union-attr]  # a hold implies the table
+    return state is None or getattr(state, "cancel_scope", True) is None
 
 
 def expired(record: Timed) -> bool:

@@ -49,6 +49,8 @@ class Lease:
         self.exit: Any = None
         self.error: BaseException | None = None
         self.waiters: anyio.Event | None = None
+        #: When it was acquired, on the monotonic clock (the loop's, where the
+        #: acquire ran on the loop's deadline wheel: read when the acquire began).
         self.acquired_at = 0.0
         #: Where it was acquired (debug mode only): the innermost frames of the stack.
         self.site: list[traceback.FrameSummary] | None = None

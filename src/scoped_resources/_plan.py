@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, get_args, get_origin
 
 from ._resource import UNSHAREABLE_TYPES, Kind, Level, Resource, unwrapped
@@ -26,6 +26,9 @@ class Recipe:
     deps: tuple[tuple[str, Resource[Any]], ...]
     values: Mapping[str, Any]
     context: tuple[tuple[str, type], ...]
+    #: The deadline the core puts on an acquire: ``acquire_timeout``, unless the
+    #: factory enforces it itself (a pooled adapter's gate) or there is none.
+    timeout: float | None = None
 
 
 @dataclass(slots=True)
@@ -85,6 +88,15 @@ def recipe_for(
 
 
 def _recipe(
+    res: Resource[Any], values: Mapping[type, Any], registry: object, ctx: frozenset[type]
+) -> Recipe:
+    recipe = _call_recipe(res, values, registry, ctx)
+    if res.acquire_timeout is None or res._own_deadline:
+        return recipe
+    return replace(recipe, timeout=res.acquire_timeout)
+
+
+def _call_recipe(
     res: Resource[Any], values: Mapping[type, Any], registry: object, ctx: frozenset[type]
 ) -> Recipe:
     if res.kind is Kind.INSTANCE:

@@ -18,10 +18,10 @@ from typing import Any
 import anyio
 
 from ._failures import log_failure
-from ._guard import expired, native_wheel
+from ._guard import Hold, expired, holds, native_hold
 from ._lease import FAILED, RELEASED, RELEASING, TERMINATED, Lease
 from ._observe import Observer
-from ._resource import Kind, Resource
+from ._resource import ASYNC_GEN, Resource
 from .exceptions import (
     ReleaseFailed,
     ReleaseTimeout,
@@ -35,7 +35,7 @@ _YIELDED_TWICE = "the generator yielded more than once; yield exactly once"
 async def _release_gen(gen: Any, exc: BaseException | None) -> bool:
     if exc is None:
         try:
-            await gen.__anext__()
+            await anext(gen)
         except StopAsyncIteration:
             return False
         await gen.aclose()
@@ -53,7 +53,7 @@ async def _release_gen(gen: Any, exc: BaseException | None) -> bool:
 
 
 def _release_awaitable(lease: Lease, exc: BaseException | None) -> Awaitable[Any]:
-    if lease.resource.kind is Kind.ASYNC_GEN:
+    if lease.resource.kind is ASYNC_GEN:
         return _release_gen(lease.exit, exc)
     if exc is None:
         return lease.exit.__aexit__(None, None, None)  # type: ignore[no-any-return]
@@ -79,7 +79,10 @@ async def _terminate(lease: Lease) -> bool:
 
 
 async def _release_all(
-    leases: list[Lease], exc: BaseException | None, observer: Observer | None
+    leases: list[Lease],
+    exc: BaseException | None,
+    observer: Observer | None,
+    hold: Hold | None = None,
 ) -> tuple[bool, Sequence[Exception], BaseException | None]:
     """Release *leases* in reverse order; never raises.
 
@@ -89,60 +92,81 @@ async def _release_all(
     own. Either way a release that overruns its deadline, fails, or is interrupted by
     a native cancel is terminated, and the rest are still released.
     """
-    native = native_wheel()
-    if native is None:
-        return await _release_in_cancel_scopes(leases, exc, observer)
-    task, wheel = native
+    if hold is None or not holds(hold):
+        hold = native_hold()
+        if hold is None:
+            return await _release_in_cancel_scopes(leases, exc, observer)
+    task, wheel, loop, _ = hold
     # No anyio scope can cancel this task: each release on the loop's wheel, and a
     # lease whose release did not end well is terminated before the next is released.
     # The run's bookkeeping is made only when something needs it (an observer, an
     # error, a suppression): a clean release of every lease allocates nothing.
+    if not leases:
+        return _CLEAN
     run = _ReleaseRun(exc, observer) if observer is not None else None
-    now = task.get_loop().time
-    for lease in reversed(leases):
-        gen = lease.exit
-        if gen is None:
-            lease.state = RELEASED
-            continue
-        lease.state = RELEASING
-        if run is not None:
-            run.started = time.perf_counter()
-        res = lease.resource
-        timeout = res.release_timeout
-        if timeout is not None:
-            wheel.put(lease, task, now() + timeout)  # the lease is the wheel's record
-        try:
-            if exc is None and res.kind is Kind.ASYNC_GEN:
-                # _release_gen inlined for the common case: one frame less per lease.
-                try:
-                    await gen.__anext__()
-                except StopAsyncIteration:
-                    result = False
-                else:
-                    await gen.aclose()
-                    raise RuntimeError(_YIELDED_TWICE)
-            else:
-                result = await _release_awaitable(lease, exc)
-        except Exception as failure:  # noqa: BLE001 - gathered and raised together
-            run = run or _ReleaseRun(exc, observer)
-            run._failed(lease, failure)
-        except BaseException as stop:  # noqa: BLE001 - our deadline, a native cancel, or ^C
-            run = run or _ReleaseRun(exc, observer)
-            if timeout is not None and isinstance(stop, asyncio.CancelledError) and expired(lease):
-                run._timed_out(lease)
-            else:
-                run._interrupted(lease, stop)
-        else:
-            if run is None and not result:
+    now = loop.time
+    # One wheel record for the whole run, its deadline moved to each release's own
+    # (no insertion and removal per lease): the lease released first, which is free
+    # to serve, as a lease is a record only while a step of its own runs. ``fired``
+    # is True while the record is off the wheel, as the wheel leaves it when it fires.
+    record = leases[-1]
+    record.task = task
+    record.fired = True
+    entries = wheel.entries
+    try:
+        for lease in reversed(leases):
+            gen = lease.exit
+            if gen is None:
                 lease.state = RELEASED
-            else:
-                run = run or _ReleaseRun(exc, observer)
-                run._released(lease, result)
-        finally:
+                continue
+            lease.state = RELEASING
+            if run is not None:
+                run.started = time.perf_counter()
+            res = lease.resource
+            timeout = res.release_timeout
             if timeout is not None:
-                wheel.entries.pop(lease, None)
-        if run is not None and run.stopped is not None:
-            await run.terminate_stopped()
+                record.at = at = now() + timeout
+                if record.fired:
+                    record.fired = False
+                    entries[record] = None
+                if at < wheel._armed_at:
+                    wheel._arm(at)
+            else:
+                record.at = math.inf
+            try:
+                if exc is None and res.kind is ASYNC_GEN:
+                    # _release_gen inlined for the common case: one frame less per lease.
+                    try:
+                        await anext(gen)
+                    except StopAsyncIteration:
+                        result = False
+                    else:
+                        await gen.aclose()
+                        raise RuntimeError(_YIELDED_TWICE)
+                else:
+                    result = await _release_awaitable(lease, exc)
+            except Exception as failure:  # noqa: BLE001 - gathered and raised together
+                run = run or _ReleaseRun(exc, observer)
+                run._failed(lease, failure)
+            except BaseException as stop:  # noqa: BLE001 - our deadline, a native cancel, or ^C
+                run = run or _ReleaseRun(exc, observer)
+                ours = timeout is not None and isinstance(stop, asyncio.CancelledError)
+                if ours and expired(record):
+                    run._timed_out(lease)
+                else:
+                    run._interrupted(lease, stop)
+            else:
+                if run is None and not result:
+                    lease.state = RELEASED
+                else:
+                    run = run or _ReleaseRun(exc, observer)
+                    run._released(lease, result)
+            if run is not None and run.stopped is not None:
+                record.at = math.inf
+                await run.terminate_stopped()
+    finally:
+        if not record.fired:
+            entries.pop(record, None)
     if run is None:
         return _CLEAN
     return run.suppressed, run.errors, run.interrupt

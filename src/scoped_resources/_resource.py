@@ -36,6 +36,18 @@ class Kind(IntEnum):
     SYNC_FN = 4  # sync function; likewise
 
 
+# The members the per-request path compares with, as module globals: on Python
+# 3.11 ``Kind.ASYNC_GEN`` goes through ``EnumType.__getattr__`` (about 60 ns, ten
+# times a global's cost), several times per resource per request.
+ASYNC_GEN = Kind.ASYNC_GEN
+CONTEXT = Kind.CONTEXT
+INSTANCE = Kind.INSTANCE
+ASYNC_FN = Kind.ASYNC_FN
+APP = Level.APP
+RESPONSE = Level.RESPONSE
+REQUEST = Level.REQUEST
+
+
 #: Types whose instances must never be shared by concurrent requests. Named, not
 #: imported, so that no driver is imported to check them.
 UNSHAREABLE_TYPES = frozenset(

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from ._acquire import _enter, _enter_bounded, _enter_observed, _no_yield, _refuse_coroutine
-from ._guard import arm, expired
+from ._guard import Hold, _task_of, _task_state_data, expired, native_hold
 from ._lease import ACQUIRING, FAILED, HELD, Lease
 from ._plan import Recipe
 from ._release import _note, _release_all, _report
-from ._resource import Kind, Level, Resource
+from ._resource import ASYNC_GEN, REQUEST, Level, Resource
 from .exceptions import (
     ResourceBusy,
     ResourceMisuse,
@@ -55,6 +55,7 @@ class Scope:
         "_cache",
         "_context",
         "_leases",
+        "_native",
         "_root",
         "_state",
         "level",
@@ -76,7 +77,17 @@ class Scope:
         self._leases: list[Lease] = []
         self._state = OPEN
         self._context = context
-        self._root: AppScope | None = parent._root if parent is not None else None
+        #: The task running this scope's steps and its loop's wheel, as the last step
+        #: found them (see ``_guard.native_hold``); None until a step looks.
+        self._native: Hold | None = None
+        if parent is None:  # the app scope, its own root
+            self._root: AppScope = self  # type: ignore[assignment]
+            return
+        # A child: its app scope keeps it until it closes (for draining and leak reports).
+        root = self._root = parent._root
+        if root._state != OPEN:
+            raise ScopeClosed(root.name, root.state)
+        root._children.add(self)
 
     # -- state --------------------------------------------------------------------
 
@@ -130,8 +141,7 @@ class Scope:
         """A nested scope whose request resources are its own and released with it."""
         if self._state != OPEN:
             raise ScopeClosed(self.name, self.state)
-        assert self._root is not None
-        return self._root._child(name, Level.REQUEST, self, context)
+        return Scope(name, REQUEST, self, context)
 
     async def _get_slow(self, resource: Resource[T], lease: Lease | None) -> T:
         owner = self
@@ -168,6 +178,7 @@ class Scope:
     async def _acquire(self, resource: Resource[T]) -> T:
         lease = Lease(resource)
         self._cache[resource] = lease
+        root = self._root
         try:
             recipe: Recipe | None = resource._compiled
             if recipe is None:
@@ -177,30 +188,47 @@ class Scope:
                     "declare every resource before the app starts",
                 )
             kwargs = dict(recipe.values) if recipe.values else {}
-            root = self._root
             for pname, dep in recipe.deps:
-                held = root._cache.get(dep) if root is not None and dep._override is None else None
+                held = root._cache.get(dep) if dep._override is None else None
                 kwargs[pname] = held.value if held is not None else await self.get(dep)
             for pname, typ in recipe.context:
                 kwargs[pname] = self._context_value(resource, pname, typ)
-            observer = root._observer if root is not None else None
-            timeout = resource.acquire_timeout
-            if timeout is not None and resource._own_deadline:
-                timeout = None
-            wheel = None if timeout is None or observer is not None else arm(lease, timeout)
-            if observer is not None:
-                await _enter_observed(lease, kwargs, observer)
-            elif timeout is not None and wheel is None:
-                await _enter_bounded(lease, kwargs)  # under an anyio cancel scope
+            timeout = recipe.timeout
+            if root._watched:
+                await self._acquire_watched(lease, kwargs)
+            elif timeout is None:
+                await _enter(lease, kwargs)
             else:
-                # The common case, flat: _enter inlined for a generator, and its deadline
-                # (if any) on the loop's wheel with the lease as its record, in this one
-                # frame. Each coroutine frame saved here is saved per resource per request.
+                # The common case, flat in this one frame (each frame saved here is saved
+                # per resource per request): the deadline on the loop's wheel with the
+                # lease as its record, held by the task the scope's last step found
+                # (``_guard.holds``, inlined), and _enter inlined for a generator.
+                hold = self._native
+                if hold is not None:
+                    task, wheel, loop, tref = hold
+                    if _task_of(loop) is not task or (
+                        (state := _task_state_data.get(tref)) is not None  # type: ignore[union-attr]
+                        and getattr(state, "cancel_scope", True) is not None
+                    ):
+                        hold = None
+                if hold is None:
+                    hold = self._native = native_hold()
+                    if hold is None:  # under an anyio cancel scope
+                        await _enter_bounded(lease, kwargs)
+                        return self._held(lease)  # type: ignore[no-any-return]
+                    task, wheel, loop, _ = hold
+                lease.task = task
+                lease.acquired_at = now = loop.time()
+                lease.at = at = now + timeout
+                lease.fired = False
+                wheel.entries[lease] = None
+                if at < wheel._armed_at:
+                    wheel._arm(at)
                 try:
-                    if resource.kind is Kind.ASYNC_GEN:
+                    if resource.kind is ASYNC_GEN:
                         gen = resource.call(**kwargs)
                         try:
-                            value = await gen.__anext__()
+                            value = await anext(gen)
                         except StopAsyncIteration:
                             raise _no_yield(resource) from None
                         lease.exit = gen
@@ -210,14 +238,16 @@ class Scope:
                     else:
                         await _enter(lease, kwargs)
                 except asyncio.CancelledError:
-                    if wheel is not None and expired(lease):
-                        raise ResourceBusy(resource.name, resource.acquire_timeout or 0.0) from None
+                    if expired(lease):
+                        raise ResourceBusy(resource.name, timeout) from None
                     raise
                 finally:
-                    if wheel is not None:
-                        wheel.entries.pop(lease, None)
-            if root is not None and root._debug:
-                lease.site = traceback.extract_stack(limit=12)[:-1]
+                    wheel.entries.pop(lease, None)
+                lease.state = HELD
+                self._leases.append(lease)
+                if lease.waiters is not None:
+                    lease.waiters.set()
+                return lease.value  # type: ignore[no-any-return]
         except BaseException as exc:
             lease.state = FAILED
             lease.error = exc
@@ -228,12 +258,26 @@ class Scope:
             if lease.waiters is not None:
                 lease.waiters.set()
             raise
+        return self._held(lease)  # type: ignore[no-any-return]
+
+    async def _acquire_watched(self, lease: Lease, kwargs: dict[str, Any]) -> None:
+        """Acquire with an observer told (metrics) or the call site kept (debug mode)."""
+        root = self._root
+        if root._observer is not None:
+            await _enter_observed(lease, kwargs, root._observer)
+        else:
+            await _enter_bounded(lease, kwargs)
+        if root._debug:
+            lease.site = traceback.extract_stack(limit=12)[:-2]
+
+    def _held(self, lease: Lease) -> Any:
+        """Record *lease* as held (acquired outside the flat path); its value."""
         lease.state = HELD
         lease.acquired_at = time.monotonic()
         self._leases.append(lease)
         if lease.waiters is not None:
             lease.waiters.set()
-        return lease.value  # type: ignore[no-any-return]
+        return lease.value
 
     def _context_value(self, resource: Resource[Any], pname: str, typ: type) -> Any:
         scope: Scope | None = self
@@ -271,16 +315,22 @@ class Scope:
         try:
             if not self._leases:
                 return False
-            observer = self._root._observer if self._root is not None else None
-            suppressed, errors, interrupt = await _release_all(self._leases, exc, observer)
+            observer = self._root._observer
+            suppressed, errors, interrupt = await _release_all(
+                self._leases, exc, observer, self._native
+            )
         finally:
             self._state = CLOSED
             self._cache.clear()
             # The context (a request) usually refers back to this scope: dropping it
             # breaks that cycle, so a closed request leaves nothing to the cyclic GC.
             self._context = None
-            if self._root is not None:
-                self._root._child_closed(self)
+            # Its app scope keeps it no more; the last one out ends a shutdown's drain.
+            root = self._root
+            children = root._children
+            children.discard(self)
+            if not children and root._drained is not None:
+                root._drained.set()
         if not errors and interrupt is None:
             return suppressed
         return _report(self.name, exc, suppressed, errors, interrupt)

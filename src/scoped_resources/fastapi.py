@@ -37,7 +37,7 @@ from starlette.routing import Mount
 from ._app_scope import AppScope
 from ._failures import cause_of, current_route, log_failure, outage_of
 from ._registry import register_lifespan
-from ._resource import Level, Resource
+from ._resource import REQUEST, RESPONSE, Level, Resource
 from ._scope import Scope
 from .exceptions import ReleaseFailed, ResourceBusy, ResourceMisuse, ScopeClosed
 
@@ -179,11 +179,11 @@ def _open_request_scope(
     if app_scope._plan.has_response_level:
         # Resources held until the response is sent live in an outer scope,
         # closed by FastAPI's request stack after the body and background tasks.
-        outer = app_scope._child("request", Level.RESPONSE, app_scope, {Request: request})
+        outer = Scope("request", RESPONSE, app_scope, {Request: request})
         request_stack.push_async_exit(outer.__aexit__)
-        inner = app_scope._child("request", Level.REQUEST, outer, None)
+        inner = Scope("request", REQUEST, outer, None)
     else:
-        inner = app_scope._child("request", Level.REQUEST, app_scope, {Request: request})
+        inner = Scope("request", REQUEST, app_scope, {Request: request})
     function_stack.push_async_exit(
         _RequestExit(inner, background_tasks, _Watch.start(request, registry, app_scope))
     )
@@ -396,8 +396,7 @@ class _RequestExit:
         fired = None
         if watch is not None:
             # From here on nothing cancels the task: releases run in peace.
-            root = self.scope._root
-            watch.stop(root._sweeper if root is not None else None)
+            watch.stop(self.scope._root._sweeper)
             fired = watch.fired
             if fired is not None and isinstance(exc, asyncio.CancelledError):
                 watch.task.uncancel()

@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._observe import Observer
-from ._resource import Level
+from ._resource import APP
 
 if TYPE_CHECKING:
     from ._resource import Resource
@@ -38,7 +38,7 @@ __all__ = ["Observer", "OpenTelemetryMetrics", "PrometheusMetrics"]
 
 
 def _in_use_gauge(resource: Resource[object]) -> str:
-    return "owners" if resource.level is Level.APP else "leases"
+    return "owners" if resource.level is APP else "leases"
 
 
 class PrometheusMetrics(Observer):
@@ -81,7 +81,7 @@ class PrometheusMetrics(Observer):
         )
 
     def _held(self, resource: Resource[object]) -> Any:
-        gauge = self.owners_open if resource.level is Level.APP else self.leases_in_use
+        gauge = self.owners_open if resource.level is APP else self.leases_in_use
         return gauge.labels(resource.name)
 
     def acquire_started(self, resource: Resource[object]) -> None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from scoped_resources import Resources
+from scoped_resources import Resource, Resources
 
 from .helpers import Checkpoints, Journal, generator_resource
 
@@ -211,3 +211,160 @@ class TestNativeTimerPath:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+
+class TestScopeHold:
+    """A scope keeps the task and wheel its first step found, and checks them per step."""
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_later_step_inside_an_anyio_cancel_scope_is_not_on_the_wheel(self) -> None:
+        """Entering an anyio cancel scope between two gets moves the second off the wheel."""
+        from scoped_resources._guard import wheel_of
+
+        resources = Resources()
+        on_wheel: dict[str, int] = {}
+
+        def count(name: str) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            on_wheel[name] = len(wheel_of(task).entries)
+
+        @resources.request
+        async def first() -> AsyncIterator[str]:
+            count("first")
+            yield "first"
+
+        @resources.request
+        async def second() -> AsyncIterator[str]:
+            count("second")
+            yield "second"
+
+        async with resources.open() as app_scope:
+
+            async def request() -> None:
+                async with app_scope.child() as scope:
+                    await scope.get(first)
+                    with anyio.CancelScope():
+                        await scope.get(second)
+
+            await asyncio.ensure_future(request())
+        assert on_wheel == {"first": 1, "second": 0}
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_step_from_another_task_is_timed_for_that_task(self) -> None:
+        """A get from a second task is cancelled at its deadline; the scope's task is not."""
+        from scoped_resources.exceptions import ResourceBusy
+
+        resources = Resources()
+        first = generator_resource(resources, Journal(), "first")
+
+        @resources.request(acquire_timeout=0.02)
+        async def exhausted() -> AsyncIterator[str]:
+            await anyio.sleep_forever()
+            yield "never"
+
+        async with resources.open() as app_scope:
+
+            async def request() -> int:
+                async with app_scope.child() as scope:
+                    await scope.get(first)
+
+                    async def other() -> None:
+                        await scope.get(exhausted)
+
+                    with pytest.raises(ResourceBusy):
+                        await asyncio.ensure_future(other())
+                    await asyncio.sleep(0)
+                task = asyncio.current_task()
+                assert task is not None
+                return task.cancelling()
+
+            assert await asyncio.ensure_future(request()) == 0
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_each_hanging_release_of_a_run_is_terminated_at_its_deadline(self) -> None:
+        """After one release timed out, the next one is still bounded by its own deadline."""
+        from scoped_resources.exceptions import ReleaseFailed, ReleaseTimeout
+
+        resources = Resources()
+        terminated: list[str] = []
+
+        def stuck_resource(name: str) -> Resource[str]:
+            @resources.request(name=name, release_timeout=0.02, terminate=terminated.append)
+            async def stuck() -> AsyncIterator[str]:
+                yield name
+                await anyio.sleep_forever()
+
+            return stuck
+
+        one, two = stuck_resource("one"), stuck_resource("two")
+
+        async with resources.open() as app_scope:
+
+            async def request() -> None:
+                async with app_scope.child() as scope:
+                    await scope.get(one)
+                    await scope.get(two)
+
+            with pytest.raises(ReleaseFailed) as caught:
+                await asyncio.ensure_future(request())
+        assert [type(e) for e in caught.value.exceptions] == [ReleaseTimeout, ReleaseTimeout]
+        assert terminated == ["two", "one"]
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_release_with_no_deadline_outlives_the_previous_ones(self) -> None:
+        """A release with release_timeout=None is not cut at the deadline of the one before."""
+        resources = Resources()
+        journal = Journal()
+
+        @resources.request(release_timeout=None)
+        async def slow() -> AsyncIterator[str]:
+            yield "slow"
+            await asyncio.sleep(0.1)
+            journal.events.append("released slow")
+
+        @resources.request(release_timeout=0.03)
+        async def quick() -> AsyncIterator[str]:
+            yield "quick"
+            journal.events.append("released quick")
+
+        async with resources.open() as app_scope:
+
+            async def request() -> None:
+                async with app_scope.child() as scope:
+                    await scope.get(slow)
+                    await scope.get(quick)
+
+            await asyncio.ensure_future(request())
+        assert journal.events == ["released quick", "released slow"]
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    @pytest.mark.parametrize("hang", [False, True])
+    async def test_the_wheel_keeps_no_record_once_a_scope_closed(self, hang: bool) -> None:
+        """Closing a scope, cleanly or past a release deadline, leaves the wheel empty."""
+        from scoped_resources._guard import wheel_of
+        from scoped_resources.exceptions import ReleaseFailed
+
+        resources = Resources()
+        first = generator_resource(resources, Journal(), "first")
+
+        @resources.request(release_timeout=0.02)
+        async def second() -> AsyncIterator[str]:
+            yield "second"
+            if hang:
+                await anyio.sleep_forever()
+
+        async with resources.open() as app_scope:
+
+            async def request() -> int:
+                task = asyncio.current_task()
+                assert task is not None
+                try:
+                    async with app_scope.child() as scope:
+                        await scope.get(first)
+                        await scope.get(second)
+                except ReleaseFailed:
+                    assert hang
+                return len(wheel_of(task).entries)
+
+            assert await asyncio.ensure_future(request()) == 0
