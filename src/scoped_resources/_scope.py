@@ -193,16 +193,16 @@ class Scope:
                 kwargs[pname] = held.value if held is not None else await self.get(dep)
             for pname, typ in recipe.context:
                 kwargs[pname] = self._context_value(resource, pname, typ)
-            timeout = recipe.timeout
             if root._watched:
                 await self._acquire_watched(lease, kwargs)
-            elif timeout is None:
-                await _enter(lease, kwargs)
-            else:
-                # The common case, flat in this one frame (each frame saved here is saved
-                # per resource per request): the deadline on the loop's wheel with the
-                # lease as its record, held by the task the scope's last step found
-                # (``_guard.holds``, inlined), and _enter inlined for a generator.
+                return self._held(lease, time.monotonic())  # type: ignore[no-any-return]
+            # The common case, flat in this one frame (each frame saved here is saved
+            # per resource per request): the deadline, if any, on the loop's wheel
+            # with the lease as its record, held by the task the scope's last step
+            # found (``_guard.holds``, inlined), and _enter inlined for a generator.
+            timeout = recipe.timeout
+            hold = None
+            if timeout is not None:
                 hold = self._native
                 if hold is not None:
                     task, wheel, loop, tref = hold
@@ -215,7 +215,7 @@ class Scope:
                     hold = self._native = native_hold()
                     if hold is None:  # under an anyio cancel scope
                         await _enter_bounded(lease, kwargs)
-                        return self._held(lease)  # type: ignore[no-any-return]
+                        return self._held(lease, time.monotonic())  # type: ignore[no-any-return]
                     task, wheel, loop, _ = hold
                 lease.task = task
                 lease.acquired_at = now = loop.time()
@@ -224,30 +224,26 @@ class Scope:
                 wheel.entries[lease] = None
                 if at < wheel._armed_at:
                     wheel._arm(at)
-                try:
-                    if resource.kind is ASYNC_GEN:
-                        gen = resource.call(**kwargs)
-                        try:
-                            value = await anext(gen)
-                        except StopAsyncIteration:
-                            raise _no_yield(resource) from None
-                        lease.exit = gen
-                        if isinstance(value, CoroutineType):
-                            await _refuse_coroutine(lease, value)
-                        lease.value = value
-                    else:
-                        await _enter(lease, kwargs)
-                except asyncio.CancelledError:
-                    if expired(lease):
-                        raise ResourceBusy(resource.name, timeout) from None
-                    raise
-                finally:
+            try:
+                if resource.kind is ASYNC_GEN:
+                    gen = resource.call(**kwargs)
+                    try:
+                        value = await anext(gen)
+                    except StopAsyncIteration:
+                        raise _no_yield(resource) from None
+                    lease.exit = gen
+                    if isinstance(value, CoroutineType):
+                        await _refuse_coroutine(lease, value)
+                    lease.value = value
+                else:
+                    await _enter(lease, kwargs)
+            except asyncio.CancelledError:
+                if hold is not None and expired(lease):
+                    raise ResourceBusy(resource.name, recipe.timeout or 0.0) from None
+                raise
+            finally:
+                if hold is not None:
                     wheel.entries.pop(lease, None)
-                lease.state = HELD
-                self._leases.append(lease)
-                if lease.waiters is not None:
-                    lease.waiters.set()
-                return lease.value  # type: ignore[no-any-return]
         except BaseException as exc:
             lease.state = FAILED
             lease.error = exc
@@ -258,7 +254,15 @@ class Scope:
             if lease.waiters is not None:
                 lease.waiters.set()
             raise
-        return self._held(lease)  # type: ignore[no-any-return]
+        # _held, inlined (a call per lease); on the wheel, acquired_at is already the
+        # loop time read for the deadline, when the acquire began.
+        lease.state = HELD
+        if hold is None:
+            lease.acquired_at = time.monotonic()
+        self._leases.append(lease)
+        if lease.waiters is not None:
+            lease.waiters.set()
+        return lease.value  # type: ignore[no-any-return]
 
     async def _acquire_watched(self, lease: Lease, kwargs: dict[str, Any]) -> None:
         """Acquire with an observer told (metrics) or the call site kept (debug mode)."""
@@ -270,10 +274,10 @@ class Scope:
         if root._debug:
             lease.site = traceback.extract_stack(limit=12)[:-2]
 
-    def _held(self, lease: Lease) -> Any:
-        """Record *lease* as held (acquired outside the flat path); its value."""
+    def _held(self, lease: Lease, acquired_at: float) -> Any:
+        """Record *lease* as held; its value."""
         lease.state = HELD
-        lease.acquired_at = time.monotonic()
+        lease.acquired_at = acquired_at
         self._leases.append(lease)
         if lease.waiters is not None:
             lease.waiters.set()
