@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
 
-from scoped_resources import Resource, Resources
+from scoped_resources import AppScope, Resource, Resources
+from scoped_resources.exceptions import ReleaseFailed
 
 from .helpers import Checkpoints, Journal, generator_resource
 
@@ -33,6 +35,26 @@ async def _run_cancelled_at(point: int) -> tuple[Journal, Checkpoints]:
                 await points.point()
         assert app_scope.inflight == 0
     return journal, points
+
+
+async def _release_fails(app_scope: AppScope, *wanted: Resource[Any]) -> ReleaseFailed:
+    """Get *wanted* in a child scope in a task of its own; the ReleaseFailed its close raises."""
+
+    async def request() -> None:
+        async with app_scope.child() as scope:
+            for resource in wanted:
+                await scope.get(resource)
+
+    with pytest.raises(ReleaseFailed) as caught:
+        await asyncio.ensure_future(request())
+    return caught.value
+
+
+def _pending_cancels() -> int:
+    """How many cancellation requests the current task has pending."""
+    task = asyncio.current_task()
+    assert task is not None
+    return task.cancelling()
 
 
 class TestCancelEverywhere:
@@ -138,7 +160,7 @@ class TestNativeTimerPath:
     @pytest.mark.parametrize("anyio_backend", ["asyncio"])
     async def test_a_hanging_release_is_terminated_on_the_native_timer(self) -> None:
         """Past release_timeout the release is cancelled, terminated, and the rest go on."""
-        from scoped_resources.exceptions import ReleaseFailed, ReleaseTimeout
+        from scoped_resources.exceptions import ReleaseTimeout
 
         resources = Resources()
         journal = Journal()
@@ -151,15 +173,8 @@ class TestNativeTimerPath:
             await anyio.sleep_forever()
 
         async with resources.open() as app_scope:
-
-            async def request() -> None:
-                async with app_scope.child() as scope:
-                    await scope.get(first)
-                    await scope.get(stuck)
-
-            with pytest.raises(ReleaseFailed) as caught:
-                await asyncio.ensure_future(request())
-        assert isinstance(caught.value.exceptions[0], ReleaseTimeout)
+            failed = await _release_fails(app_scope, first, stuck)
+        assert isinstance(failed.exceptions[0], ReleaseTimeout)
         assert terminated == ["stuck"]
         assert journal.events == ["acquire first", "release first"]
 
@@ -182,9 +197,7 @@ class TestNativeTimerPath:
                     with pytest.raises(ResourceBusy):
                         await scope.get(exhausted)
                 await asyncio.sleep(0)  # the task is not cancelled any more
-                task = asyncio.current_task()
-                assert task is not None
-                return task.cancelling()
+                return _pending_cancels()
 
             assert await asyncio.ensure_future(request()) == 0
 
@@ -275,16 +288,14 @@ class TestScopeHold:
                     with pytest.raises(ResourceBusy):
                         await asyncio.ensure_future(other())
                     await asyncio.sleep(0)
-                task = asyncio.current_task()
-                assert task is not None
-                return task.cancelling()
+                return _pending_cancels()
 
             assert await asyncio.ensure_future(request()) == 0
 
     @pytest.mark.parametrize("anyio_backend", ["asyncio"])
     async def test_each_hanging_release_of_a_run_is_terminated_at_its_deadline(self) -> None:
         """After one release timed out, the next one is still bounded by its own deadline."""
-        from scoped_resources.exceptions import ReleaseFailed, ReleaseTimeout
+        from scoped_resources.exceptions import ReleaseTimeout
 
         resources = Resources()
         terminated: list[str] = []
@@ -300,15 +311,8 @@ class TestScopeHold:
         one, two = stuck_resource("one"), stuck_resource("two")
 
         async with resources.open() as app_scope:
-
-            async def request() -> None:
-                async with app_scope.child() as scope:
-                    await scope.get(one)
-                    await scope.get(two)
-
-            with pytest.raises(ReleaseFailed) as caught:
-                await asyncio.ensure_future(request())
-        assert [type(e) for e in caught.value.exceptions] == [ReleaseTimeout, ReleaseTimeout]
+            failed = await _release_fails(app_scope, one, two)
+        assert [type(e) for e in failed.exceptions] == [ReleaseTimeout, ReleaseTimeout]
         assert terminated == ["two", "one"]
 
     @pytest.mark.parametrize("anyio_backend", ["asyncio"])
