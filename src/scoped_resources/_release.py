@@ -92,6 +92,8 @@ async def _release_all(
     own. Either way a release that overruns its deadline, fails, or is interrupted by
     a native cancel is terminated, and the rest are still released.
     """
+    if not leases:
+        return _CLEAN
     if hold is None or not holds(hold):
         hold = native_hold()
         if hold is None:
@@ -101,8 +103,6 @@ async def _release_all(
     # lease whose release did not end well is terminated before the next is released.
     # The run's bookkeeping is made only when something needs it (an observer, an
     # error, a suppression): a clean release of every lease allocates nothing.
-    if not leases:
-        return _CLEAN
     run = _ReleaseRun(exc, observer) if observer is not None else None
     now = loop.time
     # One wheel record for the whole run, its deadline moved to each release's own
