@@ -84,7 +84,7 @@ async def _release_all(
     observer: Observer | None,
     hold: Hold | None = None,
 ) -> tuple[bool, Sequence[Exception], BaseException | None]:
-    """Release *leases* in reverse order; never raises.
+    """Release *leases* (at least one) in reverse order; never raises.
 
     On asyncio outside anyio cancel scopes, each release's deadline is on the loop's
     deadline wheel (see ``_guard``), and the releases run in this one frame. Otherwise
@@ -92,8 +92,6 @@ async def _release_all(
     own. Either way a release that overruns its deadline, fails, or is interrupted by
     a native cancel is terminated, and the rest are still released.
     """
-    if not leases:
-        return _CLEAN
     if hold is None or not holds(hold):
         hold = native_hold()
         if hold is None:

@@ -164,6 +164,8 @@ class Scope:
                     "ask a request scope for it (resources.scope() or app_scope.child())",
                 )
             return await self._acquire(resource)
+        if lease.state == HELD:
+            return lease.value  # type: ignore[no-any-return]
         if lease.state == ACQUIRING:
             # Another task is acquiring it: share its result.
             if lease.waiters is None:
@@ -176,6 +178,11 @@ class Scope:
         raise ScopeClosed(self.name, f"holding {resource.name!r} {lease.state_name}")
 
     async def _acquire(self, resource: Resource[T]) -> T:
+        cached = self._cache.get(resource)
+        if cached is not None or self._state != OPEN:
+            # get() handed this coroutine out before it ran: another get of the same
+            # resource ran first (gather, tasks), or the scope closed in between.
+            return await self._get_slow(resource, cached)
         lease = Lease(resource)
         self._cache[resource] = lease
         root = self._root

@@ -162,6 +162,15 @@ class TestShutdown:
         with pytest.raises(ScopeClosed):
             app_scope.child()
 
+    async def test_a_scope_left_open_past_shutdown_opens_no_new_scope(self) -> None:
+        """A child still open after its app scope closed cannot open a child of its own."""
+        resources = Resources(drain_timeout=0.01)
+        async with resources.open() as app_scope:
+            stuck = app_scope.child("stuck")
+        with pytest.raises(ScopeClosed, match="closed"):
+            stuck.child()
+        await stuck.aclose()
+
     async def test_closing_failures_are_reported_together(self) -> None:
         """Every failing close is gathered; the others still close."""
         resources = Resources()

@@ -372,3 +372,31 @@ class TestScopeHold:
                 return len(wheel_of(task).entries)
 
             assert await asyncio.ensure_future(request()) == 0
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_concurrent_gets_on_the_wheel_share_one_acquisition(self) -> None:
+        """Two asyncio tasks asking at once for a timed resource wait for one acquire."""
+        resources = Resources()
+        gate = asyncio.Event()
+        made: list[object] = []
+
+        @resources.request(acquire_timeout=5)
+        async def slow() -> AsyncIterator[object]:
+            await gate.wait()
+            made.append(object())
+            yield made[-1]
+
+        async with resources.open() as app_scope:
+
+            async def request() -> list[object]:
+                async with app_scope.child() as scope:
+                    first = asyncio.ensure_future(scope.get(slow))
+                    second = asyncio.ensure_future(scope.get(slow))
+                    await asyncio.sleep(0)
+                    gate.set()
+                    got = [await first, await second]
+                return got  # noqa: RET504 - after the block: its exit may suppress (mypy)
+
+            got = await asyncio.ensure_future(request())
+        assert len(made) == 1
+        assert got[0] is got[1] is made[0]

@@ -407,6 +407,18 @@ class TestMisuse:
             with pytest.raises(ScopeClosed, match="'conn' from scope 'job'"):
                 await scope.get(res)
 
+    async def test_a_get_awaited_after_its_scope_closed_acquires_nothing(self) -> None:
+        """A get handed out while the scope was open, awaited after it closed, is refused."""
+        resources = Resources()
+        journal = Journal()
+        res = generator_resource(resources, journal, "conn")
+        async with resources.open() as app_scope:
+            async with app_scope.child("job") as scope:
+                pending = scope.get(res)
+            with pytest.raises(ScopeClosed, match="'conn' from scope 'job'"):
+                await pending
+        assert journal.events == []
+
     async def test_an_acquire_past_its_deadline_raises_resource_busy(self) -> None:
         """acquire_timeout bounds the wait and names the resource."""
         resources = Resources()
