@@ -132,8 +132,9 @@ class Scope:
         if lease is not None:
             if lease.state == HELD:
                 return _held(lease.value)
-        elif resource.level is self.level and self._state == OPEN:
-            # This scope's own kind of resource, not held yet: acquire it here.
+        elif resource.level is self.level:
+            # This scope's own kind of resource, not held yet: acquire it here (the
+            # acquire checks the scope is open when it starts, as it may start later).
             return self._acquire(resource)
         return self._get_slow(resource, lease)
 
