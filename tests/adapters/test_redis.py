@@ -1,5 +1,7 @@
 """The Redis adapter against the real Redis on 127.0.0.1."""
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +15,8 @@ import redis.asyncio
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from scoped_resources import Resources, Use
 from scoped_resources.adapters.redis import BusyAwarePool, Redis, UnexecutedPipelineError
@@ -390,3 +394,101 @@ class TestDirectLending:
             assert not client.connection_pool._direct
             assert await client.ping()
             assert len(client.connection_pool._in_use_connections) == 0
+
+
+class _StallingProxy:
+    """Forwards to Redis until stalled; then it stops reading what the client sends."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.stalled = False
+
+    async def _pump(self, source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            while not self.stalled:
+                await sink.send(await source.receive())
+            await anyio.sleep_forever()
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        server = await anyio.connect_tcp(self.host, self.port)
+        async with client, server, anyio.create_task_group() as tg:
+            tg.start_soon(self._pump, server, client)
+            await self._pump(client, server)
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, self._handle)
+            yield f"redis://127.0.0.1:{port}/0"
+            tg.cancel_scope.cancel()
+
+
+class TestCommandWrites:
+    """A command is written without a task of its own; a write that waits is still bounded."""
+
+    async def test_commands_start_no_task(self, redis_url: str, prefix: str) -> None:
+        """Commands and a pipeline are written without a task per write."""
+        started: list[str] = []
+        loop = asyncio.get_running_loop()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+            started.append(coro.__qualname__)
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        async with _direct_client(redis_url, 2) as client:
+            await client.ping()  # the connection is made (its handshake too) before counting
+            loop.set_task_factory(factory)
+            try:
+                for i in range(5):
+                    await client.set(f"{prefix}{i}", i)
+                    assert await client.get(f"{prefix}{i}") == str(i).encode()
+                async with client.pipeline() as pipe:
+                    pipe.incr(prefix + "n")
+                    pipe.incr(prefix + "n")
+                    assert await pipe.execute() == [1, 2]
+            finally:
+                loop.set_task_factory(None)
+        # (redis-py gives a pipeline's connection back in a task of its own.)
+        assert [name for name in started if "send" in name] == []
+
+    async def test_a_write_the_server_does_not_read_times_out(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """A command the server stops reading fails after socket_timeout; its slot comes back."""
+        parts = urlsplit(redis_url)
+        proxy = _StallingProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+        async with proxy.serving() as url:
+            no_retry = Retry(NoBackoff(), 0)
+            async with _direct_client(url, 1, socket_timeout=0.5, retry=no_retry) as client:
+                assert await client.ping()
+                proxy.stalled = True
+                with (
+                    anyio.fail_after(10),
+                    pytest.raises(redis.exceptions.TimeoutError, match="writing"),
+                ):
+                    # Far more than the sockets of both ends can buffer.
+                    await client.set(prefix + "big", b"x" * (64 << 20))
+                pool = client.connection_pool
+                assert isinstance(pool, BusyAwarePool)
+                assert not pool._in_use_connections
+                assert not any(conn.is_connected for conn in pool._available_connections)
+                assert pool.gate is not None
+                assert pool.gate.stats().in_use == 0
+
+    async def test_a_connection_class_that_sends_its_own_way_is_kept(self, redis_url: str) -> None:
+        """A connection class given with its own send_packed_command is used as it is."""
+
+        class Recording(redis.asyncio.Connection):
+            sent = 0
+
+            async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                Recording.sent += 1
+                await super().send_packed_command(command, check_health)
+
+        async with _direct_client(redis_url, 1, connection_class=Recording) as client:
+            assert client.connection_pool.connection_class is Recording
+            assert await client.ping()
+        assert Recording.sent >= 1

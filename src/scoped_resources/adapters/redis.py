@@ -10,6 +10,9 @@ pool exhaustion is typed      a command that waits longer than *acquire_timeout*
                               handler below), never a bare ``ConnectionError``
 cancelled commands are safe   redis-py disconnects a connection whose command was
                               cancelled, so no stale reply is read by the next user
+writes are bounded            a command the socket takes at once is written directly
+                              (no task per command); one left buffered because the
+                              server stopped reading fails after *socket_timeout*
 pipelines never leak          ``.pipeline`` is reset on release (its connection goes
                               back, WATCHes are dropped); queued commands that were
                               never executed fail the request instead of vanishing
@@ -40,13 +43,19 @@ integration answers with 503 and ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
 import redis.asyncio
 from redis.asyncio.client import Pipeline, PubSub
-from redis.asyncio.connection import BlockingConnectionPool, Connection, ConnectionPool
+from redis.asyncio.connection import (
+    AbstractConnection,
+    BlockingConnectionPool,
+    Connection,
+    ConnectionPool,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._registry import Resources
 from .._resource import Resource
@@ -178,6 +187,64 @@ class BusyAwarePool(BlockingConnectionPool):
                 self.gate.release(ticket)
 
 
+class _PromptWrite(AbstractConnection):
+    """Writes a command without a task of its own when the socket takes it at once.
+
+    redis-py bounds every write with ``asyncio.wait_for``, which on Python 3.11
+    runs the write in a task of its own: a task, a timer and two more turns of
+    the event loop per command. A command the socket takes at once cannot wait,
+    so it needs no bound; a write left buffered (the server stopped reading) is
+    waited for within ``socket_timeout``, as redis-py does. redis-py's own path
+    runs for anything else: a connection not yet made, a health check due, no
+    ``socket_timeout``, a command given as ``str`` or ``bytes``. A failed write
+    ends as redis-py's does: the connection is closed, and a timeout raises
+    redis-py's ``TimeoutError``, a socket error its ``ConnectionError``.
+    """
+
+    async def send_packed_command(
+        self, command: str | bytes | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        writer = self._writer
+        timeout = self.socket_timeout
+        if (
+            writer is None
+            or self._reader is None
+            or not timeout
+            or (check_health and self.health_check_interval)
+            or not isinstance(command, list)
+        ):
+            await super().send_packed_command(command, check_health)
+            return
+        try:
+            writer.writelines(command)
+            transport = writer.transport
+            if transport.get_write_buffer_size() or transport.is_closing():
+                async with asyncio.timeout(timeout):
+                    await writer.drain()
+        except TimeoutError:  # before OSError, its base class
+            await self.disconnect(nowait=True)
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as err:
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError(f"Error while writing to socket: {err}") from err
+        except BaseException:
+            await self.disconnect(nowait=True)
+            raise
+
+
+_prompt_classes: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _prompt(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """*cls* with :class:`_PromptWrite`'s send, unless it sends in its own way."""
+    if cls.send_packed_command is not AbstractConnection.send_packed_command:
+        return cls
+    prompt = _prompt_classes.get(cls)
+    if prompt is None:
+        prompt = _prompt_classes[cls] = type(cls.__name__, (_PromptWrite, cls), {})
+    return prompt
+
+
 class Redis:
     """The Redis resources of one app: ``.client``, ``.pipeline`` and ``.pubsub``.
 
@@ -282,6 +349,7 @@ class Redis:
             **self._kwargs,
         )
         pool.resource_name = self.name
+        pool.connection_class = _prompt(pool.connection_class)
         pool.gate = self.gate
         pool._direct = pool._can_lend_directly()
         client = redis.asyncio.Redis.from_pool(pool)  # the client owns (and closes) the pool
