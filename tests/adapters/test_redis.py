@@ -370,6 +370,35 @@ class TestDirectLending:
             assert not conn.is_connected
             assert await client.ping()
 
+    async def test_a_release_cancelled_while_disconnecting_keeps_the_pool_whole(
+        self, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A give-back cancelled in its disconnect still returns the connection and its slot."""
+        async with _direct_client(redis_url, 1) as client:
+            pool = client.connection_pool
+            assert isinstance(pool, BusyAwarePool)
+            conn = await pool.get_connection()
+            conn.mark_for_reconnect()  # type: ignore[no-untyped-call, unused-ignore]
+            disconnecting = anyio.Event()
+            real_disconnect = conn.disconnect
+
+            async def slow_disconnect(nowait: bool = False) -> None:
+                disconnecting.set()
+                await anyio.sleep_forever()
+
+            monkeypatch.setattr(conn, "disconnect", slow_disconnect)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.release, conn)
+                await disconnecting.wait()
+                tg.cancel_scope.cancel()
+            monkeypatch.setattr(conn, "disconnect", real_disconnect)
+            assert conn in pool._available_connections
+            assert conn not in pool._in_use_connections
+            assert pool.gate is not None
+            assert pool.gate.stats().in_use == 0
+            with anyio.fail_after(5):
+                assert await client.ping()
+
     async def test_a_failed_connect_gives_the_slot_back(self, redis_url: str) -> None:
         """A lend whose connect fails returns the connection and its slot to the pool."""
         parts = urlsplit(redis_url)
@@ -477,6 +506,22 @@ class TestCommandWrites:
                 assert not any(conn.is_connected for conn in pool._available_connections)
                 assert pool.gate is not None
                 assert pool.gate.stats().in_use == 0
+
+    async def test_a_write_on_a_lost_connection_closes_it_with_a_connection_error(
+        self, redis_url: str
+    ) -> None:
+        """A command written on a connection lost under it raises redis-py's ConnectionError."""
+        async with _direct_client(redis_url, 1, retry=Retry(NoBackoff(), 0)) as client:
+            pool = client.connection_pool
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                conn._writer.transport.abort()
+                with pytest.raises(redis.exceptions.ConnectionError, match="writing"):
+                    await conn.send_command("PING")
+                assert not conn.is_connected
+            finally:
+                await pool.release(conn)
+            assert await client.ping()
 
     async def test_a_connection_class_that_sends_its_own_way_is_kept(self, redis_url: str) -> None:
         """A connection class given with its own send_packed_command is used as it is."""

@@ -164,11 +164,15 @@ class BusyAwarePool(BlockingConnectionPool):
         return conn
 
     async def _take_back(self, conn: Connection) -> None:
-        if conn.should_reconnect():  # type: ignore[no-untyped-call]
-            await conn.disconnect()
-        # No await between the two: no other lend sees the connection in neither list.
-        self._in_use_connections.remove(conn)
-        self._available_connections.append(conn)
+        try:
+            if conn.should_reconnect():  # type: ignore[no-untyped-call]
+                await conn.disconnect()
+        finally:
+            # Even when the disconnect failed or was cancelled: the next lend of it
+            # checks it (ensure_connection). No await between the two, so no other
+            # lend sees the connection in neither list.
+            self._in_use_connections.remove(conn)
+            self._available_connections.append(conn)
 
     async def release(self, connection: Connection) -> None:  # type: ignore[override]
         try:
@@ -197,8 +201,8 @@ class _PromptWrite(AbstractConnection):
     waited for within ``socket_timeout``, as redis-py does. redis-py's own path
     runs for anything else: a connection not yet made, a health check due, no
     ``socket_timeout``, a command given as ``str`` or ``bytes``. A failed write
-    ends as redis-py's does: the connection is closed, and a timeout raises
-    redis-py's ``TimeoutError``, a socket error its ``ConnectionError``.
+    ends as redis-py's does: the connection is closed, and the bound running out
+    raises redis-py's ``TimeoutError``, a socket error its ``ConnectionError``.
     """
 
     async def send_packed_command(
@@ -221,12 +225,14 @@ class _PromptWrite(AbstractConnection):
             if transport.get_write_buffer_size() or transport.is_closing():
                 async with asyncio.timeout(timeout):
                     await writer.drain()
-        except TimeoutError:  # before OSError, its base class
-            await self.disconnect(nowait=True)
-            raise RedisTimeoutError("Timeout writing to socket") from None
         except OSError as err:
             await self.disconnect(nowait=True)
-            raise RedisConnectionError(f"Error while writing to socket: {err}") from err
+            if isinstance(err, TimeoutError) and err.errno is None:  # the bound above
+                raise RedisTimeoutError("Timeout writing to socket") from None
+            # A socket error, ETIMEDOUT from the OS included: the connection is dead.
+            raise RedisConnectionError(
+                f"Error {err.errno or 'UNKNOWN'} while writing to socket. {err.strerror or err}."
+            ) from err
         except BaseException:
             await self.disconnect(nowait=True)
             raise
@@ -322,7 +328,8 @@ class Redis:
             try:
                 yield ps
             finally:
-                await ps.aclose()  # type: ignore[no-untyped-call]
+                # Typed from redis-py 8.2 on; untyped before.
+                await ps.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
         self.pipeline: Resource[Pipeline] = resources.request(
             name=f"{name}.pipeline",
