@@ -507,6 +507,33 @@ class TestCommandWrites:
                 assert pool.gate is not None
                 assert pool.gate.stats().in_use == 0
 
+    async def test_a_write_cancelled_while_waiting_closes_the_connection(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """A command cancelled while its write waits leaves no half-sent command behind."""
+        parts = urlsplit(redis_url)
+        proxy = _StallingProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+        async with proxy.serving() as url, _direct_client(url, 1, socket_timeout=30) as client:
+            assert await client.ping()
+            proxy.stalled = True
+            with anyio.move_on_after(0.5) as waited:
+                await client.set(prefix + "big", b"x" * (64 << 20))
+            assert waited.cancelled_caught
+            pool = client.connection_pool
+            assert isinstance(pool, BusyAwarePool)
+            assert not pool._in_use_connections
+            assert not any(conn.is_connected for conn in pool._available_connections)
+            assert pool.gate is not None
+            assert pool.gate.stats().in_use == 0
+
+    async def test_without_a_socket_timeout_writes_are_redis_pys_own(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """With socket_timeout=None nothing bounds a write, as in redis-py: its own path runs."""
+        async with _direct_client(redis_url, 1, socket_timeout=None) as client:
+            assert await client.set(prefix + "k", "v")
+            assert await client.get(prefix + "k") == b"v"
+
     async def test_a_write_on_a_lost_connection_closes_it_with_a_connection_error(
         self, redis_url: str
     ) -> None:
