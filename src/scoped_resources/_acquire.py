@@ -61,7 +61,14 @@ async def _refuse_coroutine(lease: Lease, value: Any) -> NoReturn:
         "add the missing 'await' where the factory makes its instance",
     )
     if lease.exit is not None:
-        await _release_all([lease], misuse, None)
+        # The lease may be its acquire's record on the deadline wheel (Scope._acquire),
+        # which this release borrows and leaves without a task: give it back.
+        task = getattr(lease, "task", None)
+        try:
+            await _release_all([lease], misuse, None)
+        finally:
+            if task is not None:
+                lease.task = task
     raise misuse
 
 

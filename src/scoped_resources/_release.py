@@ -165,6 +165,7 @@ async def _release_all(
     finally:
         if not record.fired:
             entries.pop(record, None)
+        del record.task
     if run is None:
         return _CLEAN
     return run.suppressed, run.errors, run.interrupt

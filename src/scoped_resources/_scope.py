@@ -252,6 +252,7 @@ class Scope:
             finally:
                 if hold is not None:
                     wheel.entries.pop(lease, None)
+                    del lease.task  # a lease kept after its scope closed keeps no task
         except BaseException as exc:
             lease.state = FAILED
             lease.error = exc
@@ -333,6 +334,7 @@ class Scope:
             )
         finally:
             self._state = CLOSED
+            self._native = None  # a closed scope a caller keeps keeps no task
             self._cache.clear()
             # The context (a request) usually refers back to this scope: dropping it
             # breaks that cycle, so a closed request leaves nothing to the cyclic GC.

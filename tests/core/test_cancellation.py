@@ -264,6 +264,39 @@ class TestScopeHold:
         assert on_wheel == {"first": 1, "second": 0}
 
     @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_closed_scope_keeps_no_reference_to_its_task(self) -> None:
+        """A closed scope a caller keeps lets the task that ran its steps go."""
+        import gc
+        import weakref
+
+        resources = Resources()
+
+        @resources.request
+        async def first() -> AsyncIterator[str]:
+            yield "first"
+
+        @resources.request
+        async def second() -> AsyncIterator[str]:
+            yield "second"
+
+        async with resources.open() as app_scope:
+
+            async def request() -> Any:
+                async with app_scope.child() as scope:
+                    await scope.get(first)
+                    await scope.get(second)
+                return scope
+
+            task = asyncio.ensure_future(request())
+            kept = await task
+            gone = weakref.ref(task)
+            del task
+            await asyncio.sleep(0)  # asyncio's wake-up of this task holds it one turn
+            gc.collect()
+            assert gone() is None
+            assert kept.state == "closed"
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
     async def test_a_step_from_another_task_is_timed_for_that_task(self) -> None:
         """A get from a second task is cancelled at its deadline; the scope's task is not."""
         from scoped_resources.exceptions import ResourceBusy
