@@ -455,6 +455,16 @@ class _StallingProxy:
             tg.cancel_scope.cancel()
 
 
+def _assert_closed_and_given_back(client: redis.asyncio.Redis) -> None:
+    """The client's connections are closed, none is lent, and every gate slot is back."""
+    pool = client.connection_pool
+    assert isinstance(pool, BusyAwarePool)
+    assert not pool._in_use_connections
+    assert not any(conn.is_connected for conn in pool._available_connections)
+    assert pool.gate is not None
+    assert pool.gate.stats().in_use == 0
+
+
 class TestCommandWrites:
     """A command is written without a task of its own; a write that waits is still bounded."""
 
@@ -500,12 +510,7 @@ class TestCommandWrites:
                 ):
                     # Far more than the sockets of both ends can buffer.
                     await client.set(prefix + "big", b"x" * (64 << 20))
-                pool = client.connection_pool
-                assert isinstance(pool, BusyAwarePool)
-                assert not pool._in_use_connections
-                assert not any(conn.is_connected for conn in pool._available_connections)
-                assert pool.gate is not None
-                assert pool.gate.stats().in_use == 0
+                _assert_closed_and_given_back(client)
 
     async def test_a_write_cancelled_while_waiting_closes_the_connection(
         self, redis_url: str, prefix: str
@@ -519,12 +524,7 @@ class TestCommandWrites:
             with anyio.move_on_after(0.5) as waited:
                 await client.set(prefix + "big", b"x" * (64 << 20))
             assert waited.cancelled_caught
-            pool = client.connection_pool
-            assert isinstance(pool, BusyAwarePool)
-            assert not pool._in_use_connections
-            assert not any(conn.is_connected for conn in pool._available_connections)
-            assert pool.gate is not None
-            assert pool.gate.stats().in_use == 0
+            _assert_closed_and_given_back(client)
 
     async def test_without_a_socket_timeout_writes_are_redis_pys_own(
         self, redis_url: str, prefix: str
