@@ -1,7 +1,6 @@
 """The Redis adapter against the real Redis on 127.0.0.1."""
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -425,36 +424,6 @@ class TestDirectLending:
             assert len(client.connection_pool._in_use_connections) == 0
 
 
-class _StallingProxy:
-    """Forwards to Redis until stalled; then it stops reading what the client sends."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self.stalled = False
-
-    async def _pump(self, source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream) -> None:
-        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-            while not self.stalled:
-                await sink.send(await source.receive())
-            await anyio.sleep_forever()
-
-    async def _handle(self, client: anyio.abc.SocketStream) -> None:
-        server = await anyio.connect_tcp(self.host, self.port)
-        async with client, server, anyio.create_task_group() as tg:
-            tg.start_soon(self._pump, server, client)
-            await self._pump(client, server)
-
-    @asynccontextmanager
-    async def serving(self) -> AsyncIterator[str]:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        async with listener, anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, self._handle)
-            yield f"redis://127.0.0.1:{port}/0"
-            tg.cancel_scope.cancel()
-
-
 def _assert_closed_and_given_back(client: redis.asyncio.Redis) -> None:
     """The client's connections are closed, none is lent, and every gate slot is back."""
     pool = client.connection_pool
@@ -498,12 +467,12 @@ class TestCommandWrites:
     ) -> None:
         """A command the server stops reading fails after socket_timeout; its slot comes back."""
         parts = urlsplit(redis_url)
-        proxy = _StallingProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
-        async with proxy.serving() as url:
+        async with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+            url = f"redis://127.0.0.1:{proxy.port}/0"
             no_retry = Retry(NoBackoff(), 0)
             async with _direct_client(url, 1, socket_timeout=0.5, retry=no_retry) as client:
                 assert await client.ping()
-                proxy.stalled = True
+                proxy.delay = 3600  # the proxy holds the next chunk: it stops reading
                 with (
                     anyio.fail_after(10),
                     pytest.raises(redis.exceptions.TimeoutError, match="writing"),
@@ -517,14 +486,15 @@ class TestCommandWrites:
     ) -> None:
         """A command cancelled while its write waits leaves no half-sent command behind."""
         parts = urlsplit(redis_url)
-        proxy = _StallingProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
-        async with proxy.serving() as url, _direct_client(url, 1, socket_timeout=30) as client:
-            assert await client.ping()
-            proxy.stalled = True
-            with anyio.move_on_after(0.5) as waited:
-                await client.set(prefix + "big", b"x" * (64 << 20))
-            assert waited.cancelled_caught
-            _assert_closed_and_given_back(client)
+        async with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+            url = f"redis://127.0.0.1:{proxy.port}/0"
+            async with _direct_client(url, 1, socket_timeout=30) as client:
+                assert await client.ping()
+                proxy.delay = 3600  # the proxy holds the next chunk: it stops reading
+                with anyio.move_on_after(0.5) as waited:
+                    await client.set(prefix + "big", b"x" * (64 << 20))
+                assert waited.cancelled_caught
+                _assert_closed_and_given_back(client)
 
     async def test_without_a_socket_timeout_writes_are_redis_pys_own(
         self, redis_url: str, prefix: str
