@@ -302,6 +302,53 @@ class TestEstimate:
             Gate("db.connection", 0, timeout=1.0)
 
 
+class TestTimerLoop:
+    """The gate's timer runs only while someone waits; a gate outlives its loops."""
+
+    @staticmethod
+    def _run_and_drop(scenario: Callable[[Gate], Awaitable[None]], gate: Gate) -> Any:
+        """Run *scenario* on a loop of its own, close the loop; a weak reference to it."""
+        import asyncio
+        import gc
+        import weakref
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(scenario(gate))
+        finally:
+            loop.close()
+        gone = weakref.ref(loop)
+        del loop
+        gc.collect()
+        return gone
+
+    def test_a_loop_whose_waiter_expired_is_not_kept_by_the_gate(self) -> None:
+        """The timer fired and ended the wait: the gate keeps no reference to its loop."""
+
+        async def expire(gate: Gate) -> None:
+            held = await gate.acquire()
+            with pytest.raises(ResourceBusy):
+                await gate.acquire()  # queued; the gate's timer ends the wait
+            gate.release(held)
+
+        gate = Gate("db.connection", 1, timeout=0.05, shed=False)
+        assert self._run_and_drop(expire, gate)() is None
+        assert gate._timer is None
+
+    def test_a_loop_whose_waiter_was_served_is_not_kept_by_the_gate(self) -> None:
+        """Served before its deadline: the timer armed for it is stopped with the queue empty."""
+        import asyncio
+
+        async def serve(gate: Gate) -> None:
+            held = await gate.acquire()
+            asyncio.get_running_loop().call_soon(gate.release, held)
+            gate.release(await gate.acquire())
+
+        gate = Gate("db.connection", 1, timeout=60.0, shed=False)
+        assert self._run_and_drop(serve, gate)() is None
+        assert gate._timer is None
+
+
 class TestCancellation:
     """A cancelled waiter leaves the queue and never leaks a slot."""
 

@@ -152,7 +152,8 @@ class Gate:
         self._shed_count = 0
         self._timed_out = 0
         self._last_recheck = 0.0
-        #: The gate's one timer on asyncio, when it is armed: its handle, loop and time.
+        #: The gate's one timer on asyncio, armed while someone waits: its handle,
+        #: loop and time.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._timer_at = math.inf
@@ -296,6 +297,9 @@ class Gate:
             else:
                 self._waiters.pop(waiter, None)
             raise
+        finally:
+            if not self._waiters:
+                self._disarm()
         if not waiter.granted:
             self._refuse(waiter)
         return self._take(self._clock())
@@ -361,6 +365,13 @@ class Gate:
         self._timer_loop = loop
         self._timer_at = at
         self._timer = loop.call_later(max(at - self._clock(), 0.0), self._on_timer, loop)
+
+    def _disarm(self) -> None:
+        """Nobody waits: stop the timer, and keep no reference to its loop."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_loop = None
 
     def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
