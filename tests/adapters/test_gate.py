@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import gc
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -306,12 +309,10 @@ class TestTimerLoop:
     """The gate's timer runs only while someone waits; a gate outlives its loops."""
 
     @staticmethod
-    def _run_and_drop(scenario: Callable[[Gate], Awaitable[None]], gate: Gate) -> Any:
+    def _run_and_drop(
+        scenario: Callable[[Gate], Awaitable[None]], gate: Gate
+    ) -> weakref.ref[asyncio.AbstractEventLoop]:
         """Run *scenario* on a loop of its own, close the loop; a weak reference to it."""
-        import asyncio
-        import gc
-        import weakref
-
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(scenario(gate))
@@ -337,7 +338,6 @@ class TestTimerLoop:
 
     def test_a_loop_whose_waiter_was_served_is_not_kept_by_the_gate(self) -> None:
         """Served before its deadline: the timer armed for it is stopped with the queue empty."""
-        import asyncio
 
         async def serve(gate: Gate) -> None:
             held = await gate.acquire()
