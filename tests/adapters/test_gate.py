@@ -349,6 +349,18 @@ class TestTimerLoop:
         assert gate._timer is None
 
 
+    async def test_the_last_waiter_cancelled_stops_the_timer(self) -> None:
+        """A waiter cancelled while it queues leaves no timer armed behind it."""
+        gate = Gate("db.connection", 1, timeout=60.0, shed=False)
+        held = await gate.acquire()
+        with anyio.move_on_after(0.01):
+            await gate.acquire()
+        assert gate.stats().waiting == 0
+        assert gate._timer is None
+        assert gate._timer_loop is None
+        gate.release(held)
+
+
 class TestCancellation:
     """A cancelled waiter leaves the queue and never leaks a slot."""
 
