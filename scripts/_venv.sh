@@ -15,16 +15,16 @@ pick_python() {
     return 1
 }
 
-ensure_venv() {  # $1: the extras to install, e.g. "dev,service"
-    local extras="$1" stamp
-    if [ ! -x .venv/bin/python ]; then
-        "$(pick_python)" -m venv .venv
-        .venv/bin/python -m pip install --quiet --upgrade pip
+ensure_venv() {  # $1: the extras, e.g. "dev,service"; $2: the venv (.venv); $3: its Python
+    local extras="$1" venv="${2:-.venv}" python="${3:-}" stamp
+    if [ ! -x "$venv/bin/python" ]; then
+        "${python:-$(pick_python)}" -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --upgrade pip
     fi
     # Reinstall only when pyproject.toml or the extras changed.
-    stamp=".venv/.installed-$(echo "$extras" | tr ',' '-')"
+    stamp="$venv/.installed-$(echo "$extras" | tr ',' '-')"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
         touch "$stamp"
     fi
 }

@@ -220,7 +220,16 @@ class _PromptWrite(AbstractConnection):
             await super().send_packed_command(command, check_health)
             return
         try:
-            writer.writelines(command)
+            # One write() per chunk, not writelines(). The selector transport's
+            # writelines() of Python 3.12 and 3.13 before CPython's fix for gh-127655
+            # (seen on 3.12.1 and 3.13.0) never pauses the protocol, so drain() does
+            # not wait for a buffer past its high-water mark; and on a connection
+            # just lost it registers a writer for the closed socket's descriptor,
+            # which the next socket to get that number then never sees connect.
+            # write() does neither. A command is one chunk unless it carries a
+            # value too big to be copied into it.
+            for chunk in command:
+                writer.write(chunk)
             transport = writer.transport
             if transport.get_write_buffer_size() or transport.is_closing():
                 async with asyncio.timeout(timeout):
