@@ -348,7 +348,6 @@ class TestTimerLoop:
         assert self._run_and_drop(serve, gate)() is None
         assert gate._timer is None
 
-
     async def test_the_last_waiter_cancelled_stops_the_timer(self) -> None:
         """A waiter cancelled while it queues leaves no timer armed behind it."""
         gate = Gate("db.connection", 1, timeout=60.0, shed=False)
