@@ -129,7 +129,16 @@ class AppScope(Scope):
                 self._watcher = anyio.CancelScope()
                 self._tg.start_soon(self._watch_leaks, self._watcher, self._leak_after)
         except BaseException:
+            # Failed, or cancelled from outside (the start-up's deadline, a signal):
+            # those still opening are cancelled; those already open hold their
+            # resource in a shielded wait, so they are told to release it, in reverse
+            # order, and any that opens from now on releases at once.
             self._tg.cancel_scope.cancel()
+            self._state = CLOSING
+            with anyio.CancelScope(shield=True):
+                await self._close_slots(None)
+            for slot in self._slots.values():
+                slot.stop.set()
             self._state = CLOSED
             await self._tg.__aexit__(None, None, None)
             raise

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import pytest
 
-from scoped_resources import AppScope, Resource, Resources
+from scoped_resources import AppScope, Resource, Resources, Use
 from scoped_resources.exceptions import ReleaseFailed
 
 from .helpers import Checkpoints, Journal, generator_resource
@@ -35,6 +35,37 @@ async def _run_cancelled_at(point: int) -> tuple[Journal, Checkpoints]:
                 await points.point()
         assert app_scope.inflight == 0
     return journal, points
+
+
+#: Await points in opening three app resources (two independent, one using the first).
+START_UP = 3 * AWAITS
+
+
+async def _start_up_cancelled_at(point: int) -> tuple[Journal, anyio.CancelScope]:
+    """Open three app resources in a scope that is cancelled at await point *point*."""
+    resources = Resources()
+    journal = Journal()
+    points = Checkpoints(cancel_at=point)
+    pool = generator_resource(resources, journal, "pool", scope="app", awaits=AWAITS, points=points)
+    generator_resource(resources, journal, "config", scope="app", awaits=AWAITS, points=points)
+
+    @resources.app
+    async def cache(p: Annotated[str, Use(pool)]) -> AsyncIterator[str]:
+        for _ in range(AWAITS):
+            await points.point()
+        journal.add("acquire cache")
+        journal.open.add("cache")
+        try:
+            yield p
+        finally:
+            journal.add("release cache")
+            journal.open.discard("cache")
+
+    with anyio.CancelScope() as outer:
+        points.scope = outer
+        async with resources.open():
+            await points.point()
+    return journal, outer
 
 
 async def _release_fails(app_scope: AppScope, *wanted: Resource[Any]) -> ReleaseFailed:
@@ -80,6 +111,37 @@ class TestCancelEverywhere:
         journal, _ = await _run_cancelled_at(point)
         assert "acquire second" not in journal.events
         assert journal.events[-1].startswith("release first after ")
+
+
+class TestStartUpCancelledFromOutside:
+    """A start-up cancelled from outside (its deadline, a signal) at any await point ends,
+    and releases every app resource it had opened: each of those holds its resource in a
+    shielded wait until it is told to release it."""
+
+    @pytest.mark.parametrize("point", range(1, START_UP + 1))
+    async def test_it_ends_and_leaves_nothing_open(self, point: int) -> None:
+        with anyio.fail_after(10):
+            journal, outer = await _start_up_cancelled_at(point)
+        assert outer.cancelled_caught
+        assert journal.open == set()
+
+    @pytest.mark.parametrize("point", range(1, START_UP + 1))
+    async def test_a_dependent_is_released_before_what_it_uses(self, point: int) -> None:
+        journal, _ = await _start_up_cancelled_at(point)
+        if "acquire cache" in journal.events:
+            assert journal.events.index("release cache") < journal.events.index("release pool")
+
+    async def test_begun_in_a_cancelled_scope_it_ends_at_once(self) -> None:
+        """A resource that opens without an await point still opens, and is released."""
+        resources = Resources()
+        journal = Journal()
+        generator_resource(resources, journal, "config", scope="app")
+        with anyio.CancelScope() as outer:
+            outer.cancel()
+            async with resources.open():
+                pytest.fail("the app must not start")
+        assert outer.cancelled_caught
+        assert journal.open == set()
 
 
 class TestCancelDuringCleanup:
