@@ -1,5 +1,6 @@
 """The RabbitMQ adapter against the real broker on 127.0.0.1."""
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from fastapi import FastAPI
 from scoped_resources import Resources, Use
 from scoped_resources.adapters.rabbitmq import RabbitMQ
 from scoped_resources.exceptions import ResourceBusy
-from scoped_resources.testing import TcpProxy
+from scoped_resources.testing import TcpProxy, cancel_at_each_await
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -168,6 +169,44 @@ class TestCancellation:
             assert cs.cancelled_caught
             assert channel.is_closed
             assert pool.free_slots == 1
+
+
+def _broker_tasks() -> list[asyncio.Task[object]]:
+    """The tasks aio-pika and aiormq run for a connection (its reader, writer, reconnector)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if any(lib in getattr(task.get_coro(), "__qualname__", "") for lib in ("Connection",))
+        and any(
+            lib in getattr(getattr(task.get_coro(), "cr_code", None), "co_filename", "")
+            for lib in ("aio_pika", "aiormq")
+        )
+    ]
+
+
+class TestOpenCancelled:
+    async def test_a_connect_cancelled_at_any_await_point_leaves_no_connection(
+        self, amqp_url: str
+    ) -> None:
+        """Cancelled anywhere in its first connect (start-up failed elsewhere, or its
+        deadline passed), the connection is closed: aio-pika's reconnecting task does not
+        go on connecting in the background."""
+        assert _broker_tasks() == []
+        resources = Resources("t")
+        mq = RabbitMQ(resources, amqp_url)
+
+        async def open_app() -> None:
+            async with resources.open() as app_scope:
+                await app_scope.get(mq.connection)
+
+        async def nothing_left(point: int) -> None:
+            with anyio.move_on_after(2):
+                while _broker_tasks():
+                    await anyio.sleep(0.01)
+            assert _broker_tasks() == [], f"cancelled at await point {point}"
+
+        points = await cancel_at_each_await(open_app, after_each=nothing_left)
+        assert points > 3
 
 
 class TestShutdown:

@@ -5,7 +5,9 @@ guarantee                       how
 ==============================  ======================================================
 one connection                  ``.connection`` is app-scoped (``connect_robust``,
                                 reconnects by itself), pinged by opening a channel,
-                                closed at shutdown under *release_timeout*
+                                closed at shutdown under *release_timeout*; a first
+                                connect that fails or is cancelled (the open's
+                                deadline, a sibling's failed start-up) closes it too
 bounded channels                at most *channels* channels leased at once; a lease
                                 that waits longer than *acquire_timeout* raises
                                 :class:`~scoped_resources.exceptions.ResourceBusy`
@@ -29,7 +31,7 @@ from typing import Any
 
 import aio_pika
 import anyio
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection, TimeoutType
 
 from .._registry import Resources
 from .._resource import Resource
@@ -39,6 +41,32 @@ from ._common import redact
 from ._gate import Gate
 
 __all__ = ["ChannelPool", "RabbitMQ"]
+
+#: How long closing a connection whose first connect failed may take (seconds).
+_ABANDON_TIMEOUT = 5.0
+
+
+class _RobustConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection, closed when its first connect fails or is cancelled.
+
+    aio-pika starts the task that (re)connects before the first connect returns,
+    and nothing stops it when that connect is cancelled: the connection would go
+    on connecting in the background, with no owner to close it.
+    """
+
+    _connected_once = False
+
+    async def connect(self, timeout: TimeoutType = None) -> None:
+        if self._connected_once:
+            await super().connect(timeout)
+            return
+        try:
+            await super().connect(timeout)
+        except BaseException:
+            with anyio.move_on_after(_ABANDON_TIMEOUT, shield=True):
+                await self.close()
+            raise
+        self._connected_once = True
 
 
 class ChannelPool:
@@ -229,7 +257,10 @@ class RabbitMQ:
     async def _open_connection(self) -> AsyncIterator[AbstractRobustConnection]:
         try:
             conn = await aio_pika.connect_robust(
-                self.url, timeout=self.connect_timeout, **self._connect_kwargs
+                self.url,
+                timeout=self.connect_timeout,
+                connection_class=_RobustConnection,
+                **self._connect_kwargs,
             )
         except Exception as exc:  # noqa: BLE001 - re-raised without the unredacted text
             # aio-pika's messages can carry the URL; show it redacted only.
