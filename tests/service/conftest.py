@@ -126,6 +126,9 @@ def make_settings(
         "files_dir": tmp_path / "files",
         "cache_prefix": prefix,
         "outbox_poll_seconds": 0.2,
+        # A full collection of the test process at every app start would cost far more
+        # than it saves here; TestHeapFreeze and the subprocess tests keep the default.
+        "gc_freeze": False,
         "_env_file": None,
     }
     real: RealServices | None = None

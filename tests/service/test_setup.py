@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from pydantic import ValidationError
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service import Settings
+from scoped_resources.exceptions import StartupFailed
+from scoped_resources.testing import AppLifespan
+from service import Settings, create_app
 from service.database import downgrade, make_engine, migrate
 
 from .conftest import SettingsFactory, create_database, drop_database, with_database
@@ -24,6 +27,11 @@ TABLES = {"users", "items", "logs", "outbox", "alembic_version"}
 
 
 class TestSettings:
+    def test_gc_freeze_is_on_unless_turned_off(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert Settings(_env_file=None).gc_freeze  # type: ignore[call-arg]
+        monkeypatch.setenv("GC_FREEZE", "false")
+        assert not Settings(_env_file=None).gc_freeze  # type: ignore[call-arg]
+
     def test_defaults_are_embedded(self) -> None:
         """With nothing configured the service uses SQLite and no Redis, broker or upstream."""
         settings = Settings(_env_file=None)  # type: ignore[call-arg]
@@ -105,6 +113,38 @@ async def table_names(engine: AsyncEngine) -> set[str]:
     """The tables in *engine*'s database."""
     async with engine.connect() as conn:
         return set(await conn.run_sync(lambda sync: sa_inspect(sync).get_table_names()))
+
+
+@pytest.mark.anyio
+class TestHeapFreeze:
+    """``GC_FREEZE``: the objects start-up made are frozen while the app runs, and only then."""
+
+    async def test_the_start_up_heap_is_frozen_for_the_apps_lifetime(
+        self, make_settings: SettingsFactory
+    ) -> None:
+        app = create_app(make_settings(gc_freeze=True))
+        assert gc.get_freeze_count() == 0
+        async with AppLifespan(app):
+            frozen = gc.get_freeze_count()
+            # the app itself is among them: full collections no longer walk it
+            assert not any(obj is app for obj in gc.get_objects())
+        assert frozen > 0
+        assert gc.get_freeze_count() == 0
+
+    async def test_turned_off_it_freezes_nothing(self, make_settings: SettingsFactory) -> None:
+        async with AppLifespan(create_app(make_settings(gc_freeze=False))):
+            assert gc.get_freeze_count() == 0
+
+    async def test_a_failed_start_up_freezes_nothing(
+        self, make_settings: SettingsFactory, tmp_path: Path
+    ) -> None:
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        app = create_app(make_settings(gc_freeze=True, files_dir=blocker / "files"))
+        with pytest.raises(StartupFailed, match="'files.directory'"):
+            async with AppLifespan(app):
+                pass
+        assert gc.get_freeze_count() == 0
 
 
 @pytest.mark.anyio
