@@ -3,7 +3,9 @@
 ``python -m service migrate`` only migrates. ``WORKERS=N`` (N > 1) runs N worker
 processes on one port. Bad settings, or database pools beyond the server's connection
 budget (DB_POOL_SIZE x DB_REPLICAS), end the program with exit code 2 and one line
-per problem, naming the environment variable.
+per problem, naming the environment variable. A database that cannot be opened
+(refused, unknown host, no such database or role) ends it with exit code 3 and one
+line naming DATABASE_URL (password hidden) and the cause.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from .database import PoolBudgetExceeded, check_pool_budget, make_engine, migrate
+from .database import (
+    DatabaseUnavailable,
+    PoolBudgetExceeded,
+    check_pool_budget,
+    migrate,
+    open_engine,
+)
 from .settings import Settings
 
 
@@ -35,7 +43,7 @@ def load_settings() -> Settings:
 
 async def run_migrations(settings: Settings) -> None:
     """Check the pool budget, then bring the database schema up to date."""
-    engine = make_engine(settings)
+    engine = await open_engine(settings)
     try:
         await check_pool_budget(engine, settings)
         await migrate(engine)
@@ -69,6 +77,9 @@ def main(argv: list[str]) -> int:
     except PoolBudgetExceeded as exc:
         print(f"service: {exc}", file=sys.stderr)
         return 2
+    except DatabaseUnavailable as exc:
+        print(f"service: {exc}", file=sys.stderr)
+        return 3
     if command == "migrate":
         print("service: the database schema is up to date", flush=True)
         return 0

@@ -17,7 +17,8 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .settings import Settings
@@ -36,6 +37,40 @@ class PoolBudgetExceeded(RuntimeError):
     ``max_connections``, less its reserved slots and the sessions other clients
     hold right now. The message names every number and the ways out.
     """
+
+
+class DatabaseUnavailable(RuntimeError):
+    """Raised at start-up when the database of ``DATABASE_URL`` cannot be opened.
+
+    The message is one line: the URL (password hidden) and what the driver said
+    (connection refused, unknown host, no such database or role, a SQLite folder
+    that cannot be made).
+    """
+
+    def __init__(self, settings: Settings, error: BaseException) -> None:
+        url = make_url(settings.database_url).render_as_string(hide_password=True)
+        cause: BaseException = error.orig if isinstance(error, DBAPIError) and error.orig else error
+        # behind SQLAlchemy's adapter, the driver's own exception (asyncpg's names the case)
+        cause = cause.__cause__ or cause
+        reason = str(cause).splitlines()[0] if str(cause) else ""
+        super().__init__(
+            f"cannot open the database of DATABASE_URL ({url}): {type(cause).__name__}: {reason}"
+        )
+
+
+async def open_engine(settings: Settings) -> AsyncEngine:
+    """:func:`make_engine`, connected once; DatabaseUnavailable if the database cannot be opened."""
+    try:
+        engine = make_engine(settings)
+    except OSError as exc:  # the SQLite file's folder
+        raise DatabaseUnavailable(settings, exc) from exc
+    try:
+        async with engine.connect():
+            pass
+    except (OSError, DBAPIError) as exc:
+        await engine.dispose()
+        raise DatabaseUnavailable(settings, exc) from exc
+    return engine
 
 
 def engine_options(settings: Settings) -> dict[str, Any]:

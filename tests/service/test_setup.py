@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -85,6 +86,61 @@ class TestSettings:
         )
         assert result.returncode == 2
         assert "DATABASE_URL: Value error, DATABASE_URL must start with" in result.stderr
+
+
+def _serve_on(database_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m service`` on *database_url*, run to its end."""
+    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(ROOT), "PORT": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (just released by this process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class TestDatabaseUnavailableAtStart:
+    """A database that cannot be opened stops `python -m service` with exit code 3 and one
+    line naming DATABASE_URL and the cause, not a traceback."""
+
+    def test_a_refused_connection(self, tmp_path: Path) -> None:
+        result = _serve_on(f"postgresql://127.0.0.1:{_closed_port()}/test", tmp_path)
+        assert result.returncode == 3
+        assert result.stderr.count("\n") == 1
+        assert result.stderr.startswith("service: cannot open the database of DATABASE_URL (")
+        assert "ConnectionRefusedError" in result.stderr
+
+    def test_a_database_that_does_not_exist(self, pg_dsn: str, tmp_path: Path) -> None:
+        result = _serve_on(with_database(pg_dsn, "sr_no_such_database"), tmp_path)
+        assert result.returncode == 3
+        assert 'InvalidCatalogNameError: database "sr_no_such_database" does not exist' in (
+            result.stderr
+        )
+
+    def test_the_password_is_not_shown(self, tmp_path: Path) -> None:
+        url = f"postgresql://someone:hunter2secret@127.0.0.1:{_closed_port()}/test"
+        result = _serve_on(url, tmp_path)
+        assert result.returncode == 3
+        assert "someone:***@" in result.stderr
+        assert "hunter2secret" not in result.stderr
+
+    def test_a_sqlite_folder_that_cannot_be_made(self, tmp_path: Path) -> None:
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        result = _serve_on(f"sqlite:///{blocker / 'data' / 'service.db'}", tmp_path)
+        assert result.returncode == 3
+        assert "NotADirectoryError" in result.stderr
 
 
 @pytest.fixture
