@@ -128,17 +128,18 @@ class AppScope(Scope):
             if self._leak_after is not None:
                 self._watcher = anyio.CancelScope()
                 self._tg.start_soon(self._watch_leaks, self._watcher, self._leak_after)
-        except BaseException:
-            # Failed, or cancelled from outside (the start-up's deadline, a signal):
-            # those still opening are cancelled; those already open hold their
-            # resource in a shielded wait, so they are told to release it, in reverse
-            # order, and any that opens from now on releases at once.
+        except BaseException as exc:
             self._tg.cancel_scope.cancel()
-            self._state = CLOSING
-            with anyio.CancelScope(shield=True):
-                await self._close_slots(None)
+            if self._state != CLOSING:
+                # Cancelled from outside (the start-up's deadline, a signal), not failed:
+                # those already open hold their resource in a shielded wait, so they
+                # are told to release it, in reverse order.
+                self._state = CLOSING
+                with anyio.CancelScope(shield=True):
+                    _, errors, _ = await self._close_slots(None)
+                _report(self.name, exc, False, errors, None)
             for slot in self._slots.values():
-                slot.stop.set()
+                slot.stop.set()  # any that opens from now on releases at once
             self._state = CLOSED
             await self._tg.__aexit__(None, None, None)
             raise
@@ -163,17 +164,23 @@ class AppScope(Scope):
         if failed is None:
             return
         self._state = CLOSING
-        await self._close_slots(None)
+        _, errors, _ = await self._close_slots(None)
         error = failed.error
         assert error is not None
         if isinstance(error, DeadlineExpired):
-            raise StartupFailed(
+            raised = StartupFailed(
                 failed.resource.name,
                 f"it did not open within {failed.resource.acquire_timeout:g} s",
-            ) from None
-        if isinstance(error, StartupFailed):
-            raise error
-        raise StartupFailed(failed.resource.name, f"{type(error).__name__}: {error}") from error
+            )
+            raised.__suppress_context__ = True
+        elif isinstance(error, StartupFailed):
+            raised = error
+        else:
+            raised = StartupFailed(failed.resource.name, f"{type(error).__name__}: {error}")
+            raised.__cause__ = error
+        # What failed to release on the way out: logged, and noted on the error.
+        _report(self.name, raised, False, errors, None)
+        raise raised
 
     async def _hold(self, slot: _Slot) -> None:
         """Open one app resource, hold it until shutdown, and release it: all in this task.

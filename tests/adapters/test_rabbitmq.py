@@ -176,11 +176,7 @@ def _broker_tasks() -> list[asyncio.Task[object]]:
     return [
         task
         for task in asyncio.all_tasks()
-        if any(lib in getattr(task.get_coro(), "__qualname__", "") for lib in ("Connection",))
-        and any(
-            lib in getattr(getattr(task.get_coro(), "cr_code", None), "co_filename", "")
-            for lib in ("aio_pika", "aiormq")
-        )
+        if any(lib in task.get_coro().cr_code.co_filename for lib in ("aio_pika", "aiormq"))  # type: ignore[union-attr]
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -99,6 +100,58 @@ class TestStartup:
             async with resources.open():
                 pass
         assert cancelled.is_set()
+
+    async def test_a_release_failing_after_a_failed_start_up_is_logged_and_noted(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The start-up error stays the one raised; the release failure is not lost."""
+        resources = Resources()
+        journal = Journal()
+        pool = generator_resource(
+            resources, journal, "pool", scope="app", fail_release=OSError("close failed")
+        )
+
+        @resources.app
+        async def broker(p: Annotated[str, Use(pool)]) -> str:
+            raise ConnectionRefusedError("broker down")
+
+        with (
+            caplog.at_level(logging.WARNING, logger="scoped_resources"),
+            pytest.raises(StartupFailed, match="'broker'") as caught,
+        ):
+            async with resources.open():
+                pytest.fail("the app must not start")
+        assert "releasing 'pool' also failed (logged by 'scoped_resources')" in (
+            caught.value.__notes__
+        )
+        assert any(
+            "'pool'" in r.getMessage() and "close failed" in r.getMessage() for r in caplog.records
+        )
+
+    async def test_a_release_failing_after_a_cancelled_start_up_is_logged(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        resources = Resources()
+        journal = Journal()
+        pool = generator_resource(
+            resources, journal, "pool", scope="app", fail_release=OSError("close failed")
+        )
+        outer = anyio.CancelScope()
+
+        @resources.app
+        async def slow(p: Annotated[str, Use(pool)]) -> str:
+            outer.cancel()
+            await anyio.sleep_forever()
+            return p
+
+        with caplog.at_level(logging.WARNING, logger="scoped_resources"), outer:
+            async with resources.open():
+                pytest.fail("the app must not start")
+        assert outer.cancelled_caught
+        assert journal.open == set()
+        assert any(
+            "'pool'" in r.getMessage() and "close failed" in r.getMessage() for r in caplog.records
+        )
 
     async def test_an_app_resource_past_its_timeout_fails_startup(self) -> None:
         """timeout= bounds opening; the error says which resource and how long."""
