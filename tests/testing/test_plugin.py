@@ -7,6 +7,7 @@ annotations, which name resources local to the test helpers.
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated
 
+import anyio
 import pytest
 from fastapi import FastAPI
 
@@ -117,6 +118,30 @@ class TestAppLifespan:
             async with AppLifespan(app):
                 pass
         assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+
+    async def test_cancelled_while_the_app_starts_it_ends_the_start_up(self) -> None:
+        """A deadline passing during start-up ends it: what opened is closed, the
+        cancellation goes on, and the caller's cancel scopes stay properly nested."""
+        journal: list[str] = []
+        resources = Resources()
+
+        @resources.app
+        async def greeting() -> AsyncIterator[str]:
+            journal.append("open greeting")
+            yield "hello"
+            journal.append("close greeting")
+
+        @resources.app
+        async def slow(g: Annotated[str, Use(greeting)]) -> str:
+            await anyio.sleep_forever()
+            return g
+
+        app = FastAPI(lifespan=resources.lifespan)
+        with anyio.move_on_after(0.2) as deadline:
+            async with AppLifespan(app):
+                pytest.fail("the app must not start")
+        assert deadline.cancelled_caught
+        assert journal == ["open greeting", "close greeting"]
 
     async def test_client_fixture_serves_the_app_fixture(
         self, client: object, app_lifespan: AppLifespan

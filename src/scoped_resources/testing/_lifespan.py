@@ -125,7 +125,14 @@ class AppLifespan:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._run)
-        await self._startup.wait()
+        try:
+            await self._startup.wait()
+        except BaseException:
+            # Cancelled while the app starts: end its start-up (what it had opened is
+            # released), and leave the task group before the cancellation goes on.
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            raise
         if self._failure is not None or self._error is not None:
             await self._tg.__aexit__(None, None, None)
             self._raise("startup")
