@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from scoped_resources import Resources, Use
 from scoped_resources.adapters.rabbitmq import RabbitMQ
-from scoped_resources.exceptions import ResourceBusy
+from scoped_resources.exceptions import ResourceBusy, StartupFailed
 from scoped_resources.testing import TcpProxy, cancel_at_each_await
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -82,6 +82,33 @@ class TestLifecycle:
         text = f"{info.value} {info.value.__cause__}"
         assert "hunter2" not in text
         assert "rabbitmq" in text
+
+
+class TestConnectErrors:
+    """A connection that cannot be made says why, without the URL's password."""
+
+    async def test_a_refused_connection(self) -> None:
+        resources = Resources("t")
+        RabbitMQ(resources, "amqp://guest:hunter2@127.0.0.1:1/", connect_timeout=2.0)
+        with pytest.raises(StartupFailed, match="'rabbitmq'") as info:
+            async with resources.open():
+                pass
+        text = str(info.value)
+        assert "cannot connect to amqp://guest:***@127.0.0.1:1/" in text
+        assert "Connect call failed" in text
+        assert "hunter2" not in text
+
+    async def test_refused_credentials(self, amqp_url: str) -> None:
+        parts = urlsplit(amqp_url)
+        url = f"amqp://guest:hunter2wrong@{parts.hostname}:{parts.port or 5672}/"
+        resources = Resources("t")
+        RabbitMQ(resources, url, connect_timeout=5.0)
+        with pytest.raises(StartupFailed, match="'rabbitmq'") as info:
+            async with resources.open():
+                pass
+        text = str(info.value)
+        assert "ACCESS_REFUSED" in text
+        assert "hunter2wrong" not in text
 
 
 class TestAcquireTimeout:

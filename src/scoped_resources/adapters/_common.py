@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 
@@ -20,6 +21,23 @@ def redact(url: str) -> str:
     """*url* with its password (user-info or query parameter) replaced by ``***``."""
     url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
     return _QUERY_SECRET.sub(lambda m: f"{m['key']}=***", url)
+
+
+def secrets_of(url: str, *more: object) -> tuple[str, ...]:
+    """The secrets a message about *url* must not show: its password, and *more* strings."""
+    try:
+        from_url = urlsplit(url).password
+    except ValueError:
+        from_url = None
+    return tuple(s for s in (from_url, *more) if isinstance(s, str) and s)
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """*text* (a driver's message) with URLs redacted and every one of *secrets* as ``***``."""
+    text = redact(text)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 async def bounded(resource: str, awaitable: Awaitable[T], timeout: float | None) -> T:

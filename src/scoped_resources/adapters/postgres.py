@@ -33,7 +33,6 @@ fails while leased is terminated on release instead of returned.
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import anyio
 
@@ -41,7 +40,7 @@ from .._failures import log_failure, mark_outage, outage_of
 from .._registry import Resources
 from .._resource import Resource
 from ..fastapi import Use
-from ._common import redact
+from ._common import redact, scrub, secrets_of
 from ._gate import Gate
 
 __all__ = ["Postgres"]
@@ -85,7 +84,7 @@ class Postgres:
         if statement_cache_size is not None:
             connect_kwargs["statement_cache_size"] = statement_cache_size
         self._connect_kwargs = connect_kwargs
-        self._secrets = _secrets(dsn, connect_kwargs.get("password"))
+        self._secrets = secrets_of(dsn, connect_kwargs.get("password"))
         #: Whether leases go back through the pool's holders directly (see _release_direct).
         self._direct = False
         #: Whether a transaction's COMMIT carries its connection's reset (see _commit_and_reset).
@@ -225,7 +224,7 @@ class Postgres:
     def _scrubbed(self, exc: Exception) -> Exception:
         """*exc* itself when its text holds no secret, else a copy of its type without it."""
         text = str(exc)
-        clean = _scrub(text, self._secrets)
+        clean = scrub(text, self._secrets)
         if clean == text:
             return exc
         try:
@@ -316,21 +315,6 @@ def _mark_if_closed(conn: Any, exc: BaseException) -> None:
         return
     if closed and isinstance(exc, Exception) and outage_of(exc) is None:
         mark_outage(exc, "database")
-
-
-def _secrets(dsn: str, password: object) -> tuple[str, ...]:
-    try:
-        from_dsn = urlsplit(dsn).password
-    except ValueError:
-        from_dsn = None
-    return tuple(s for s in (from_dsn, password) if isinstance(s, str) and s)
-
-
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    text = redact(text)
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def _forget_failed_start(conn: Any, tx: Any) -> None:

@@ -37,7 +37,7 @@ from .._registry import Resources
 from .._resource import Resource
 from ..exceptions import ResourceBusy
 from ..fastapi import Use
-from ._common import redact
+from ._common import redact, scrub, secrets_of
 from ._gate import Gate
 
 __all__ = ["ChannelPool", "RabbitMQ"]
@@ -263,10 +263,11 @@ class RabbitMQ:
                 **self._connect_kwargs,
             )
         except Exception as exc:  # noqa: BLE001 - re-raised without the unredacted text
-            # aio-pika's messages can carry the URL; show it redacted only.
+            # aio-pika's messages can carry the URL: shown scrubbed of the password.
+            reason = scrub(str(exc), secrets_of(self.url))
             raise ConnectionError(
                 f"resource {self.name!r}: cannot connect to {redact(self.url)}: "
-                f"{type(exc).__name__}"
+                f"{type(exc).__name__}" + (f": {reason}" if reason else "")
             ) from None
         try:
             yield conn
