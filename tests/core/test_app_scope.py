@@ -9,12 +9,25 @@ from typing import Annotated
 import anyio
 import pytest
 
-from scoped_resources import Resources, Use
+from scoped_resources import Resource, Resources, Use
 from scoped_resources.exceptions import ReleaseFailed, ScopeClosed, StartupFailed
 
 from .helpers import Journal, generator_resource
 
 pytestmark = pytest.mark.anyio
+
+
+def _failing_to_close(resources: Resources, journal: Journal) -> Resource[str]:
+    """An app resource "pool" whose release raises OSError("close failed")."""
+    return generator_resource(
+        resources, journal, "pool", scope="app", fail_release=OSError("close failed")
+    )
+
+
+def _close_failure_logged(caplog: pytest.LogCaptureFixture) -> bool:
+    return any(
+        "'pool'" in r.getMessage() and "close failed" in r.getMessage() for r in caplog.records
+    )
 
 
 class TestStartup:
@@ -106,10 +119,7 @@ class TestStartup:
     ) -> None:
         """The start-up error stays the one raised; the release failure is not lost."""
         resources = Resources()
-        journal = Journal()
-        pool = generator_resource(
-            resources, journal, "pool", scope="app", fail_release=OSError("close failed")
-        )
+        pool = _failing_to_close(resources, Journal())
 
         @resources.app
         async def broker(p: Annotated[str, Use(pool)]) -> str:
@@ -124,18 +134,14 @@ class TestStartup:
         assert "releasing 'pool' also failed (logged by 'scoped_resources')" in (
             caught.value.__notes__
         )
-        assert any(
-            "'pool'" in r.getMessage() and "close failed" in r.getMessage() for r in caplog.records
-        )
+        assert _close_failure_logged(caplog)
 
     async def test_a_release_failing_after_a_cancelled_start_up_is_logged(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
         resources = Resources()
         journal = Journal()
-        pool = generator_resource(
-            resources, journal, "pool", scope="app", fail_release=OSError("close failed")
-        )
+        pool = _failing_to_close(resources, journal)
         outer = anyio.CancelScope()
 
         @resources.app
@@ -149,9 +155,7 @@ class TestStartup:
                 pytest.fail("the app must not start")
         assert outer.cancelled_caught
         assert journal.open == set()
-        assert any(
-            "'pool'" in r.getMessage() and "close failed" in r.getMessage() for r in caplog.records
-        )
+        assert _close_failure_logged(caplog)
 
     async def test_an_app_resource_past_its_timeout_fails_startup(self) -> None:
         """timeout= bounds opening; the error says which resource and how long."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -26,6 +25,7 @@ import pytest
 from scoped_resources.exceptions import StartupFailed
 from scoped_resources.testing import AppLifespan, TempPostgres
 from service import Settings, create_app
+from tests.service.processes import run_service
 from tests.service.upstream import FakeUpstream
 
 from ._cluster import haproxy, replicas
@@ -38,7 +38,6 @@ POOL_SIZE = 5
 WORKERS = 12
 ROUNDS = 6  # passes over every endpoint per worker (about 13 requests each)
 APP_NAME = "sr-service"
-ROOT = Path(__file__).resolve().parents[2]
 
 _SESSIONS = (
     "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2"
@@ -202,16 +201,7 @@ class TestReplicasBehindOnePort:
 
 class TestPoolBudget:
     def _start(self, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-        full = {**os.environ, "PYTHONPATH": str(ROOT), "PORT": "0", **env}
-        return subprocess.run(
-            [sys.executable, "-m", "service"],
-            cwd=tmp_path,
-            env=full,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_service(env, tmp_path)
 
     async def test_pools_beyond_max_connections_refuse_to_start(
         self, service_env: dict[str, str], fault_db: TempPostgres, tmp_path: Path

@@ -14,6 +14,20 @@ ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"listening on (http://\S+) \(API docs: (\S+)\)")
 
 
+def run_service(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m service`` with *env* added, run to its end (for start-ups that must stop)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PORT": "0", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @contextmanager
 def started_service(
     env: dict[str, str], log: Path, *, log_level: str = "warning"

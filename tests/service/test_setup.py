@@ -6,7 +6,6 @@ import gc
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from service import Settings, create_app
 from service.database import downgrade, make_engine, migrate
 
 from .conftest import SettingsFactory, create_database, drop_database, with_database
-from .processes import ROOT, service_process
+from .processes import run_service, service_process
 
 TABLES = {"users", "items", "logs", "outbox", "alembic_version"}
 
@@ -74,32 +73,13 @@ class TestSettings:
 
     def test_bad_environment_stops_the_program_with_exit_code_2(self, tmp_path: Path) -> None:
         """`python -m service` with a bad DATABASE_URL prints the problem and exits 2."""
-        env = {**os.environ, "DATABASE_URL": "mysql://nope", "PYTHONPATH": str(ROOT)}
-        result = subprocess.run(
-            [sys.executable, "-m", "service"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = run_service({"DATABASE_URL": "mysql://nope"}, tmp_path)
         assert result.returncode == 2
         assert "DATABASE_URL: Value error, DATABASE_URL must start with" in result.stderr
 
 
-def _serve_on(database_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m service`` on *database_url*, run to its end."""
-    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(ROOT), "PORT": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "service"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def _serve_on_database(url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run_service({"DATABASE_URL": url}, cwd)
 
 
 def _closed_port() -> int:
@@ -115,14 +95,14 @@ class TestDatabaseUnavailableAtStart:
     line naming DATABASE_URL and the cause, not a traceback."""
 
     def test_a_refused_connection(self, tmp_path: Path) -> None:
-        result = _serve_on(f"postgresql://127.0.0.1:{_closed_port()}/test", tmp_path)
+        result = _serve_on_database(f"postgresql://127.0.0.1:{_closed_port()}/test", tmp_path)
         assert result.returncode == 3
         assert result.stderr.count("\n") == 1
         assert result.stderr.startswith("service: cannot open the database of DATABASE_URL (")
         assert "ConnectionRefusedError" in result.stderr
 
     def test_a_database_that_does_not_exist(self, pg_dsn: str, tmp_path: Path) -> None:
-        result = _serve_on(with_database(pg_dsn, "sr_no_such_database"), tmp_path)
+        result = _serve_on_database(with_database(pg_dsn, "sr_no_such_database"), tmp_path)
         assert result.returncode == 3
         assert 'InvalidCatalogNameError: database "sr_no_such_database" does not exist' in (
             result.stderr
@@ -130,7 +110,7 @@ class TestDatabaseUnavailableAtStart:
 
     def test_the_password_is_not_shown(self, tmp_path: Path) -> None:
         url = f"postgresql://someone:hunter2secret@127.0.0.1:{_closed_port()}/test"
-        result = _serve_on(url, tmp_path)
+        result = _serve_on_database(url, tmp_path)
         assert result.returncode == 3
         assert "someone:***@" in result.stderr
         assert "hunter2secret" not in result.stderr
@@ -138,7 +118,7 @@ class TestDatabaseUnavailableAtStart:
     def test_a_sqlite_folder_that_cannot_be_made(self, tmp_path: Path) -> None:
         blocker = tmp_path / "a-file"
         blocker.write_text("not a folder")
-        result = _serve_on(f"sqlite:///{blocker / 'data' / 'service.db'}", tmp_path)
+        result = _serve_on_database(f"sqlite:///{blocker / 'data' / 'service.db'}", tmp_path)
         assert result.returncode == 3
         assert "NotADirectoryError" in result.stderr
 

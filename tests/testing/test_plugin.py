@@ -123,20 +123,13 @@ class TestAppLifespan:
         """A deadline passing during start-up ends it: what opened is closed, the
         cancellation goes on, and the caller's cancel scopes stay properly nested."""
         journal: list[str] = []
-        resources = Resources()
+        app, resources = greeting_app(journal)
 
         @resources.app
-        async def greeting() -> AsyncIterator[str]:
-            journal.append("open greeting")
-            yield "hello"
-            journal.append("close greeting")
-
-        @resources.app
-        async def slow(g: Annotated[str, Use(greeting)]) -> str:
+        async def slow(g: Annotated[str, Use(app.state.greeting)]) -> str:
             await anyio.sleep_forever()
             return g
 
-        app = FastAPI(lifespan=resources.lifespan)
         with anyio.move_on_after(0.2) as deadline:
             async with AppLifespan(app):
                 pytest.fail("the app must not start")
