@@ -123,6 +123,34 @@ class TestDatabaseUnavailableAtStart:
         assert "NotADirectoryError" in result.stderr
 
 
+class TestStartUpFailureLog:
+    """An app resource that cannot open is one log line naming it, not a traceback."""
+
+    def _refused_broker(self, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+        return run_service(
+            {
+                "DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}",
+                "AMQP_URL": f"amqp://guest:guest@127.0.0.1:{_closed_port()}/",
+                **env,
+            },
+            tmp_path,
+        )
+
+    def test_the_failure_is_one_line_naming_the_resource(self, tmp_path: Path) -> None:
+        result = self._refused_broker(tmp_path)
+        assert result.returncode == 3
+        assert (
+            "ERROR uvicorn.error: the app did not start: could not open app resource 'rabbitmq': "
+            "ConnectionError: resource 'rabbitmq': cannot connect to amqp://guest:***@"
+        ) in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_at_debug_level_the_traceback_is_kept(self, tmp_path: Path) -> None:
+        result = self._refused_broker(tmp_path, LOG_LEVEL="debug")
+        assert result.returncode == 3
+        assert "Traceback" in result.stderr
+
+
 @pytest.fixture
 async def empty_database(
     backend: str, make_settings: SettingsFactory, tmp_path: Path
