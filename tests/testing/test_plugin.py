@@ -4,7 +4,9 @@ No ``from __future__ import annotations``: FastAPI must resolve the routes'
 annotations, which name resources local to the test helpers.
 """
 
+import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import anyio
@@ -14,6 +16,7 @@ from fastapi import FastAPI
 from scoped_resources import Resources, Use
 from scoped_resources.exceptions import StartupFailed
 from scoped_resources.testing import AppLifespan
+from scoped_resources.testing._lifespan import hosted
 
 if TYPE_CHECKING:
     from scoped_resources.testing.plugin import Overrides
@@ -182,6 +185,31 @@ class TestAppLifespan:
 
 
 @pytest.mark.anyio
+@pytest.mark.anyio
+class TestHosted:
+    """``hosted`` enters and exits a context manager in a task of its own (pytest-asyncio)."""
+
+    @pytest.mark.timeout(20)
+    async def test_cancelled_while_entering_it_ends_and_cleans_up(self) -> None:
+        """One plain asyncio cancellation (no anyio scope to repeat it) while the host
+        task is still entering stops that, instead of waiting for ever for it."""
+        log: list[str] = []
+
+        @asynccontextmanager
+        async def slow_to_enter() -> AsyncIterator[int]:
+            log.append("enter")
+            try:
+                await anyio.sleep_forever()
+                yield 1
+            finally:
+                log.append("exit")
+
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1), hosted(slow_to_enter()):
+                pytest.fail("it must not be entered")
+        assert log == ["enter", "exit"]
+
+
 class TestOverride:
     """A resource is replaced by naming it, for one test, and comes back afterwards."""
 

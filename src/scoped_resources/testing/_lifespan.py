@@ -61,6 +61,9 @@ async def hosted(cm: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
     try:
         value = await entered
     except BaseException:
+        # Failed (the host task is done), or cancelled while *cm* is entered: stop
+        # that, or the host would finish entering it and wait for ever.
+        task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         raise
     try:
