@@ -185,7 +185,6 @@ class TestAppLifespan:
 
 
 @pytest.mark.anyio
-@pytest.mark.anyio
 class TestHosted:
     """``hosted`` enters and exits a context manager in a task of its own (pytest-asyncio)."""
 
@@ -210,6 +209,7 @@ class TestHosted:
         assert log == ["enter", "exit"]
 
 
+@pytest.mark.anyio
 class TestOverride:
     """A resource is replaced by naming it, for one test, and comes back afterwards."""
 
