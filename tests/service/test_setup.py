@@ -78,10 +78,6 @@ class TestSettings:
         assert "DATABASE_URL: Value error, DATABASE_URL must start with" in result.stderr
 
 
-def _serve_on_database(url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return run_service({"DATABASE_URL": url}, cwd)
-
-
 def _closed_port() -> int:
     """A local TCP port nothing listens on (just released by this process)."""
     with socket.socket() as sock:
@@ -95,14 +91,18 @@ class TestDatabaseUnavailableAtStart:
     line naming DATABASE_URL and the cause, not a traceback."""
 
     def test_a_refused_connection(self, tmp_path: Path) -> None:
-        result = _serve_on_database(f"postgresql://127.0.0.1:{_closed_port()}/test", tmp_path)
+        result = run_service(
+            {"DATABASE_URL": f"postgresql://127.0.0.1:{_closed_port()}/test"}, tmp_path
+        )
         assert result.returncode == 3
         assert result.stderr.count("\n") == 1
         assert result.stderr.startswith("service: cannot open the database of DATABASE_URL (")
         assert "ConnectionRefusedError" in result.stderr
 
     def test_a_database_that_does_not_exist(self, pg_dsn: str, tmp_path: Path) -> None:
-        result = _serve_on_database(with_database(pg_dsn, "sr_no_such_database"), tmp_path)
+        result = run_service(
+            {"DATABASE_URL": with_database(pg_dsn, "sr_no_such_database")}, tmp_path
+        )
         assert result.returncode == 3
         assert 'InvalidCatalogNameError: database "sr_no_such_database" does not exist' in (
             result.stderr
@@ -110,7 +110,7 @@ class TestDatabaseUnavailableAtStart:
 
     def test_the_password_is_not_shown(self, tmp_path: Path) -> None:
         url = f"postgresql://someone:hunter2secret@127.0.0.1:{_closed_port()}/test"
-        result = _serve_on_database(url, tmp_path)
+        result = run_service({"DATABASE_URL": url}, tmp_path)
         assert result.returncode == 3
         assert "someone:***@" in result.stderr
         assert "hunter2secret" not in result.stderr
@@ -118,7 +118,9 @@ class TestDatabaseUnavailableAtStart:
     def test_a_sqlite_folder_that_cannot_be_made(self, tmp_path: Path) -> None:
         blocker = tmp_path / "a-file"
         blocker.write_text("not a folder")
-        result = _serve_on_database(f"sqlite:///{blocker / 'data' / 'service.db'}", tmp_path)
+        result = run_service(
+            {"DATABASE_URL": f"sqlite:///{blocker / 'data' / 'service.db'}"}, tmp_path
+        )
         assert result.returncode == 3
         assert "NotADirectoryError" in result.stderr
 
